@@ -1,0 +1,28 @@
+//! duplex: a real-time, full-duplex voice gateway.
+//!
+//! Clients speak WebSocket to the orchestrator ([`runtime`], [`ws`], [`session`]); TTS workers
+//! speak gRPC over raw HTTP/2 ([`grpc`], [`worker`]); the admin endpoints live in [`http`].
+//! Read `README.md` for the architecture and `proto/tts.proto` for the worker contract.
+
+pub mod bench;
+pub mod cli;
+pub mod grpc;
+pub mod worker;
+
+/// Generated protobuf types of `proto/tts.proto` (package `tts`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/tts.rs"));
+}
+
+/// Audio constants shared by every component (PROTOCOL.md: s16le mono 48 kHz, 20 ms frames).
+pub mod audio {
+    /// Samples per second of every PCM stream the gateway carries.
+    pub const SAMPLE_RATE: u32 = 48_000;
+    /// Duration of one frame in milliseconds.
+    pub const FRAME_MS: u32 = 20;
+    /// Samples per 20 ms frame.
+    pub const FRAME_SAMPLES: usize = 960;
+    /// Bytes per 20 ms frame of s16le mono.
+    pub const FRAME_BYTES: usize = 1920;
+}
