@@ -498,6 +498,7 @@ mod tests {
             2,
             "1→2 and 4→5 count; the gap 2→4 and the repeat do not"
         );
+        t.finish_without_marker();
         let mut a = Agg::default();
         a.add(&t, Some(5));
         let p = a.problems(true);
