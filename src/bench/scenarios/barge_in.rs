@@ -105,7 +105,7 @@ async fn trial(conn: &mut Conn, k: u32, phase: Duration, agg: &mut Agg) -> Resul
                 ""
             }
         ));
-        drain_until(conn, &mut t, Instant::now() + Duration::from_secs(5)).await?;
+        drain_until(conn, &mut t, Instant::now() + Duration::from_secs(1)).await?;
         agg.add(&t, None);
         return Ok(out);
     }

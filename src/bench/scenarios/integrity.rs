@@ -112,6 +112,9 @@ pub async fn rapid_messages(ctx: &mut Ctx) -> Result<ScenarioReport> {
         // While sending, wake for the next send; after, allow a generous silence.
         let until = if sent < n {
             next_send
+        } else if agg.frames > 0 || cur.as_ref().is_some_and(|t| t.frames > 0) {
+            // Answers follow each other without a pause; a silence this long means no more.
+            last_activity + w.end_gap
         } else {
             last_activity + w.first_frame
         };
