@@ -55,7 +55,9 @@ fn sleep_until(t: Instant) {
 fn audio_json(seq: u32) -> String {
     use base64::Engine as _;
     let pcm = base64::engine::general_purpose::STANDARD.encode([0u8; 1920]);
-    format!(r#"{{"type":"audio","pcm":"{pcm}","sample_rate":48000,"frame_ms":20,"sequence":{seq}}}"#)
+    format!(
+        r#"{{"type":"audio","pcm":"{pcm}","sample_rate":48000,"frame_ms":20,"sequence":{seq}}}"#
+    )
 }
 
 /// Serves one connection: session_start, then for each utterance (chunks until is_final) its
@@ -179,7 +181,10 @@ fn run_bench(url: &str, only: &str, json: &Path) -> (bool, String, Value) {
         if let Some(s) = b.0.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < until, "duplex bench did not finish within 120 s");
+        assert!(
+            Instant::now() < until,
+            "duplex bench did not finish within 120 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -202,7 +207,10 @@ fn num(v: &Value) -> f64 {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("duplex-bench-test-{}-{name}.json", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "duplex-bench-test-{}-{name}.json",
+        std::process::id()
+    ))
 }
 
 /// Jitter (ms) of the frames' actual send instants, as the server saw them.
@@ -249,8 +257,14 @@ fn exact_schedule_gives_its_fal_and_near_zero_jitter() {
     let last = sent.last().unwrap();
     assert_eq!(last.len(), 50);
     let truth = median(server_jitter_ms(last));
-    assert!((num(&j["p50_ms"]) - truth).abs() < 1.5, "server median {truth}, {j}");
-    assert!(r["correctness_problems"].as_array().unwrap().is_empty(), "{out}");
+    assert!(
+        (num(&j["p50_ms"]) - truth).abs() < 1.5,
+        "server median {truth}, {j}"
+    );
+    assert!(
+        r["correctness_problems"].as_array().unwrap().is_empty(),
+        "{out}"
+    );
 }
 
 #[test]
@@ -271,14 +285,23 @@ fn a_seven_ms_hiccup_shows_in_the_jitter() {
     let max = num(&j["max_ms"]);
     assert!(max >= 6.0, "the 7 ms hiccup must show: {j}");
     assert!(max < 15.0, "{j}");
-    assert!(num(&j["p50_ms"]) < 1.5, "one hiccup must not move the median: {j}");
+    assert!(
+        num(&j["p50_ms"]) < 1.5,
+        "one hiccup must not move the median: {j}"
+    );
     // 7 ms late is within a frame period: not a late frame.
     assert_eq!(d["late_frames"], 0, "{d}");
     let sent = fake.sent.lock().unwrap();
     let truth = server_jitter_ms(sent.last().unwrap());
     let truth_max = truth.iter().cloned().fold(0.0, f64::max);
-    assert!(truth_max >= 6.5, "the fake server did send the hiccup: {truth_max}");
-    assert!((max - truth_max).abs() < 5.0, "reported {max}, sent {truth_max}");
+    assert!(
+        truth_max >= 6.5,
+        "the fake server did send the hiccup: {truth_max}"
+    );
+    assert!(
+        (max - truth_max).abs() < 5.0,
+        "reported {max}, sent {truth_max}"
+    );
 }
 
 #[test]
@@ -294,7 +317,11 @@ fn missing_features_are_unsupported_not_failures() {
     let (ok, out, r) = run_bench(&fake.url, "fal_single,barge_in,rapid_messages", &json);
     assert!(ok, "a foreign target must not fail the run:\n{out}");
     assert_eq!(scenario(&r, "barge_in")["status"], "unsupported", "{out}");
-    assert_eq!(scenario(&r, "rapid_messages")["status"], "unsupported", "{out}");
+    assert_eq!(
+        scenario(&r, "rapid_messages")["status"],
+        "unsupported",
+        "{out}"
+    );
     let fal = scenario(&r, "fal_single");
     assert_eq!(fal["status"], "ok");
     assert_eq!(fal["data"]["end_markers"], 0);

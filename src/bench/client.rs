@@ -792,6 +792,82 @@ mod tests {
         }
     }
 
+    /// Raw server frames (unmasked) written after a real tungstenite handshake: a ping, a
+    /// text message in two fragments, a binary audio frame and a close.
+    #[tokio::test]
+    async fn handles_ping_fragments_binary_and_close() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut ws = tungstenite::accept(s).unwrap();
+            let msg = br#"{"type":"session_start","session_id":"ws-abcdefabcdef"}"#;
+            let mut raw = vec![0x89, 2, b'h', b'i'];
+            raw.extend_from_slice(&[0x01, 20]);
+            raw.extend_from_slice(&msg[..20]);
+            raw.extend_from_slice(&[0x80, (msg.len() - 20) as u8]);
+            raw.extend_from_slice(&msg[20..]);
+            let mut audio = vec![0x82, 126];
+            audio.extend_from_slice(&1928u16.to_be_bytes());
+            audio.extend_from_slice(&[1, 0, 0, 0, 9, 0, 0, 0]);
+            audio.extend(std::iter::repeat_n(0u8, 1920));
+            raw.extend_from_slice(&audio);
+            raw.extend_from_slice(&[0x88, 2, 0x03, 0xe8]);
+            ws.get_mut().write_all(&raw).unwrap();
+            // The client must answer the ping with a pong carrying the same payload.
+            loop {
+                match ws.read() {
+                    Ok(tungstenite::Message::Pong(p)) => return p.to_vec(),
+                    Ok(_) => continue,
+                    Err(e) => panic!("no pong: {e}"),
+                }
+            }
+        });
+        let url = WsUrl::parse(&format!("ws://{addr}/")).unwrap();
+        let dl = Deadline::now() + std::time::Duration::from_secs(5);
+        let (mut c, id, _) = Conn::open(&url, dl).await.unwrap();
+        assert_eq!(id, "ws-abcdefabcdef");
+        let ev = c.next_event(dl).await.unwrap().unwrap();
+        assert_eq!(
+            ev.kind,
+            EventKind::Audio {
+                seq: 9,
+                size_ok: true,
+                last: false,
+                binary: true
+            }
+        );
+        let ev = c.next_event(dl).await.unwrap().unwrap();
+        assert_eq!(ev.kind, EventKind::Closed);
+        assert_eq!(server.join().unwrap(), b"hi");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_hits_the_deadline_and_a_refusal_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let url = WsUrl::parse(&format!("ws://{addr}/")).unwrap();
+        let dl = Deadline::now() + std::time::Duration::from_millis(200);
+        let e = Conn::connect(&url, dl).await.err().unwrap().to_string();
+        assert!(e.contains("timed out"), "{e}");
+        let t = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let _timed_out_one = l.accept().unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let dl = Deadline::now() + std::time::Duration::from_secs(5);
+        let e = Conn::connect(&url, dl).await.err().unwrap().to_string();
+        assert!(e.contains("503"), "{e}");
+        t.join().unwrap();
+    }
+
     #[test]
     fn rejects_reserved_bits_and_huge_frames() {
         assert!(parse_head(&[0xC1, 0x00]).is_err());

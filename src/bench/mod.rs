@@ -79,7 +79,7 @@ pub struct BenchArgs {
     /// Extend the scale sweep beyond 2000 sessions up to N (doubling, then N).
     #[arg(long, default_value_t = 2000, value_name = "N")]
     pub max_sessions: u32,
-    /// Seconds each scale step is measured for (default 10, 2 with --quick).
+    /// Seconds each scale step is measured for (default 10, 1.5 with --quick).
     #[arg(long, value_name = "SECS")]
     pub scale_secs: Option<f64>,
     /// Audio format of the scale sweep.

@@ -188,6 +188,8 @@ pub struct Waits {
     pub first_frame: Duration,
     /// Silence after a frame that ends an utterance without an end marker.
     pub end_gap: Duration,
+    /// Longest an utterance may take in all (a server trickling frames forever can't hang us).
+    pub max_total: Duration,
 }
 
 impl Default for Waits {
@@ -195,6 +197,7 @@ impl Default for Waits {
         Self {
             first_frame: Duration::from_secs(10),
             end_gap: Duration::from_secs(2),
+            max_total: Duration::from_secs(120),
         }
     }
 }
@@ -205,7 +208,7 @@ pub async fn receive(conn: &mut Conn, t: &mut Tracker, waits: Waits) -> Result<(
         let base = t
             .last_at
             .map_or((t.sent_at, waits.first_frame), |last| (last, waits.end_gap));
-        let deadline = Deadline::from_std(base.0 + base.1);
+        let deadline = Deadline::from_std((base.0 + base.1).min(t.sent_at + waits.max_total));
         match conn.next_event(deadline).await? {
             Some(ev) => {
                 t.on_event(&ev);

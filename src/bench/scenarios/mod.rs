@@ -78,6 +78,7 @@ pub fn waits() -> Waits {
     Waits {
         first_frame: Duration::from_secs(10),
         end_gap: Duration::from_secs(1),
+        max_total: Duration::from_secs(120),
     }
 }
 

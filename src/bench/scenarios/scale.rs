@@ -22,7 +22,7 @@ use crate::bench::WireFormat;
 
 /// Handshakes in flight at once while connecting a step's sessions.
 const CONNECT_PARALLEL: usize = 128;
-/// Start spread and settling time before the window.
+/// Start spread and settling time before the window (halved with `--quick`).
 const STAGGER: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -170,10 +170,11 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.rss_idle = ctx.sut.sample().map(|p| p.rss_kib);
 
+    let (stagger, settle) = ctx.n((STAGGER, SETTLE), (STAGGER / 2, SETTLE / 2));
     let t0 = Instant::now();
     let win = (
-        t0 + STAGGER + SETTLE,
-        t0 + STAGGER + SETTLE + Duration::from_secs_f64(secs),
+        t0 + stagger + settle,
+        t0 + stagger + settle + Duration::from_secs_f64(secs),
     );
     let agg = Arc::new(Mutex::new(Agg::default()));
     let count = conns.len().max(1) as u32;
@@ -181,7 +182,7 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            let start = t0 + STAGGER * (i as u32) / count;
+            let start = t0 + stagger * (i as u32) / count;
             tokio::spawn(stream_session(c, start, win, agg.clone()))
         })
         .collect();
@@ -222,7 +223,7 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
 pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     ctx.sut.prepare(ZERO_INTERVAL_MS)?;
     let steps = steps(ctx.args.max_sessions, ctx.args.quick);
-    let secs = ctx.args.scale_secs.unwrap_or(ctx.n(10.0, 2.0)).max(0.5);
+    let secs = ctx.args.scale_secs.unwrap_or(ctx.n(10.0, 1.5)).max(0.5);
     let (fmt, mut url) = match ctx.args.scale_format {
         WireFormat::Binary => ("binary", ctx.sut.url()?),
         WireFormat::Json => ("json", ctx.sut.url()?),
