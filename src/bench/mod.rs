@@ -91,6 +91,9 @@ pub struct BenchArgs {
     /// Extra argument for the orchestrator we start (repeatable), e.g. --serve-arg=--cores=1.
     #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub serve_args: Vec<String>,
+    /// Extra argument for the worker we start (repeatable), e.g. --worker-arg=--name=bench.
+    #[arg(long = "worker-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
     /// Directory for the spawned processes' logs (default: a temp directory).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -169,6 +172,8 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
                 log_dir: log_dir.clone(),
                 mock_frame_interval_ms: 0,
                 serve_args: args.serve_args.clone(),
+                worker_args: args.worker_args.clone(),
+                worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
             },
             stack: None,
         },

@@ -151,6 +151,10 @@ pub struct StackOpts {
     pub mock_frame_interval_ms: u32,
     /// Extra arguments for `serve` (e.g. `--cores 1`).
     pub serve_args: Vec<String>,
+    /// Extra arguments for `worker`.
+    pub worker_args: Vec<String>,
+    /// Sessions the worker must accept (passed as `--max-sessions` if the worker has it).
+    pub worker_sessions: u32,
 }
 
 /// A running worker + orchestrator pair.
@@ -201,6 +205,13 @@ fn spawn_worker(opts: &StackOpts) -> Result<Proc> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut args = args;
+    if help_mentions(&opts.bin, "worker", "--max-sessions") {
+        // A worker caps its sessions (1000 by default); the sweep needs more.
+        args.push("--max-sessions".into());
+        args.push(opts.worker_sessions.to_string());
+    }
+    args.extend(opts.worker_args.iter().cloned());
     let log = opts.log_dir.join(format!("worker-{port}.log"));
     Proc::spawn("worker", &opts.bin, &args, addr, log)
 }
@@ -223,6 +234,44 @@ fn spawn_serve(opts: &StackOpts, worker: SocketAddr) -> Result<Proc> {
     Proc::spawn("serve", &opts.bin, &args, addr, log)
 }
 
+/// Whether `bin sub --help` lists `flag` (so we pass it only to binaries that have it).
+/// Bounded: a binary that does not answer within 5 s counts as "no".
+pub fn help_mentions(bin: &Path, sub: &str, flag: &str) -> bool {
+    let out = std::env::temp_dir().join(format!(
+        "duplex-bench-help-{}-{sub}.txt",
+        std::process::id()
+    ));
+    let Ok(file) = std::fs::File::create(&out) else {
+        return false;
+    };
+    let Ok(mut child) = Command::new(bin)
+        .args([sub, "--help"])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    let done = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break true,
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+            _ => break false,
+        }
+    };
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    done && text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '=')
+        .any(|w| w == flag)
+}
+
 /// The binary to spawn: `--server-bin` or this executable.
 pub fn server_bin(flag: Option<&Path>) -> Result<PathBuf> {
     match flag {
@@ -234,6 +283,25 @@ pub fn server_bin(flag: Option<&Path>) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_probe_finds_flags_and_survives_missing_binaries() {
+        // `sh -c` ignores "--help" here and prints its script: a stand-in for a help text.
+        let dir =
+            std::env::temp_dir().join(format!("duplex-bench-help-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("fake");
+        std::fs::write(&script, "#!/bin/sh\necho \"  --max-sessions <N>  cap\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(help_mentions(&script, "worker", "--max-sessions"));
+        assert!(!help_mentions(&script, "worker", "--nope"));
+        assert!(!help_mentions(
+            Path::new("/nonexistent/duplex"),
+            "worker",
+            "--max-sessions"
+        ));
+    }
 
     #[test]
     fn free_ports_are_bindable() {

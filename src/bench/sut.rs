@@ -116,9 +116,12 @@ impl Sut {
     pub fn describe(&self) -> String {
         match self {
             Sut::Spawned { opts, .. } => format!(
-                "spawned: {} worker + serve on loopback (serve args: {:?})",
+                "spawned: {} worker + serve on loopback (serve args: {:?}, worker args: {:?}, \
+                 worker --max-sessions {} where supported)",
                 opts.bin.display(),
-                opts.serve_args
+                opts.serve_args,
+                opts.worker_args,
+                opts.worker_sessions
             ),
             Sut::External { url, pid } => format!(
                 "external target ws://{}{} (resource figures: {})",

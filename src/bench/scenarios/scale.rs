@@ -235,7 +235,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
             ctx,
             &format!(
                 "N streaming sessions for N in {steps:?}; each sends a new text when its \
-                 utterance ends; {secs:.0} s window per step"
+                 utterance ends; {secs} s window per step"
             ),
             fmt,
         ),
