@@ -277,9 +277,8 @@ async fn pause_holds_frames_and_resume_completes_them() {
     // that may have been on the wire when PAUSE was applied.
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(400) {
-        match timeout(Duration::from_millis(50), rx.message()).await {
-            Ok(r) => frames.push(r.unwrap().expect("call ended while paused")),
-            Err(_) => {}
+        if let Ok(r) = timeout(Duration::from_millis(50), rx.message()).await {
+            frames.push(r.unwrap().expect("call ended while paused"));
         }
     }
     assert!(
