@@ -55,6 +55,9 @@ pub async fn run(
                 first.session_id
             ))
         })?;
+    // Accepted: answer with headers now, so the client sees the call is live even while the
+    // model works on its first frame.
+    responses.send_headers()?;
     let mut active = ctx.metrics.synthesis_started();
     tracing::debug!(
         session = %registration.session_id,
