@@ -626,7 +626,15 @@ impl Session {
                         }
                         break;
                     }
-                    Some(_) => {}
+                    Some(due) => {
+                        if u.sent > 0 {
+                            self.core
+                                .shared
+                                .metrics
+                                .frame_lateness
+                                .observe(self.core.index, now.saturating_duration_since(due));
+                        }
+                    }
                 }
             }
             let Some(pcm) = u.frames.pop_front() else {
