@@ -128,6 +128,9 @@ impl Client {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .enable_push(false)
+                // Every barge-in resets a stream; remember enough of them to ignore the
+                // frames still in flight for each (h2's default is 50).
+                .max_concurrent_reset_streams(1024)
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))
@@ -621,6 +624,75 @@ mod tests {
         assert_eq!(o.connect_timeout, Duration::from_secs(1));
         assert_eq!(o.keepalive_interval, Duration::from_secs(5));
         assert_eq!(o.keepalive_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn call_futures_are_send() {
+        // The orchestrator may drive calls from a multi-thread runtime: every future and
+        // handle of a call must be Send.
+        fn assert_send<T: Send>(_: &T) {}
+        use crate::proto::{AudioFrame, TextChunk};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let opts = ClientOptions::default();
+        let connect = Client::connect("127.0.0.1:1", &opts);
+        assert_send(&connect);
+        fn with_client(c: &Client) {
+            assert_send(&c.unary::<TextChunk, AudioFrame>("/x/y", &TextChunk::default(), None));
+            assert_send(&c.streaming::<TextChunk, AudioFrame>("/x/y", None));
+        }
+        fn with_call(tx: RequestSink<TextChunk>, mut rx: ResponseStream<AudioFrame>) {
+            assert_send(&tx);
+            assert_send(&rx.message());
+            assert_send(&rx);
+        }
+        let _ = (with_client as fn(&Client), with_call as fn(_, _));
+    }
+
+    /// A bare h2 server answering every request with `status` and `content_type`.
+    async fn raw_h2_server(status: u16, content_type: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(())
+                    .unwrap();
+                let mut body = respond.send_response(response, false).unwrap();
+                body.send_data(Bytes::from_static(b"<html>nope</html>"), true)
+                    .unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn non_grpc_answers_map_to_grpc_codes() {
+        use crate::proto::TextChunk;
+        for (http_status, ct, code) in [
+            (503, "text/html", Code::Unavailable),
+            (404, "text/html", Code::Unimplemented),
+            (401, "text/plain", Code::Unauthenticated),
+            (500, "text/html", Code::Unknown),
+            (200, "text/html", Code::Unknown),
+        ] {
+            let addr = raw_h2_server(http_status, ct).await;
+            let client = Client::connect(&addr, &ClientOptions::default())
+                .await
+                .unwrap();
+            let err = client
+                .unary::<_, TextChunk>("/a/b", &TextChunk::default(), Some(Duration::from_secs(10)))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, code, "HTTP {http_status}: {err}");
+        }
     }
 
     #[tokio::test]
