@@ -430,19 +430,37 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
         if let RecvState::Done(outcome) = &self.state {
             return outcome.clone().map(|()| None);
         }
-        let deadline = self.deadline;
-        let mut dead = self.dead.clone();
-        let path = self.path.clone();
+        enum Wake {
+            Deadline,
+            Read(Result<Option<Bytes>, Status>),
+            Dead,
+        }
+        // Split borrows: the read, the deadline and the liveness watch run side by side
+        // without cloning anything per message (this is the per-frame hot path).
+        let ResponseStream {
+            state,
+            decoder,
+            deadline,
+            dead,
+            ..
+        } = self;
         // Deadline first: once it has passed the call has failed, even if a message (or the
         // server's own verdict on the expired call) is already waiting.
-        let result = tokio::select! {
+        let wake = tokio::select! {
             biased;
-            _ = sleep_until(deadline) => Err(Status::deadline_exceeded(format!(
-                "{path}: deadline exceeded"
+            _ = sleep_until(*deadline) => Wake::Deadline,
+            r = read_payload(state, decoder) => Wake::Read(r),
+            _ = dead.wait_for(|d| *d) => Wake::Dead,
+        };
+        let result = match wake {
+            Wake::Read(r) => r,
+            Wake::Deadline => Err(Status::deadline_exceeded(format!(
+                "{}: deadline exceeded",
+                self.path
             ))),
-            r = self.read_payload() => r,
-            _ = dead.wait_for(|d| *d) => Err(Status::unavailable(format!(
-                "{path}: connection lost"
+            Wake::Dead => Err(Status::unavailable(format!(
+                "{}: connection lost",
+                self.path
             ))),
         };
         match result {
@@ -454,52 +472,6 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
             Err(status) => {
                 self.fail(status.clone());
                 Err(status)
-            }
-        }
-    }
-
-    /// Reads until a whole message is decoded or the stream ends. Cancel-safe: every await
-    /// is on h2 and state only changes after it returns.
-    async fn read_payload(&mut self) -> Result<Option<Bytes>, Status> {
-        loop {
-            if let Some(payload) = self.decoder.next_message()? {
-                return Ok(Some(payload));
-            }
-            match &mut self.state {
-                RecvState::Headers(fut) => {
-                    let response = fut.await.map_err(|e| Status::from_h2(&e))?;
-                    let (parts, body) = response.into_parts();
-                    check_response_headers(&parts)?;
-                    if body.is_end_stream() {
-                        // Trailers-only response: the status is in the headers.
-                        let status = Status::from_header_map(&parts.headers).ok_or_else(|| {
-                            Status::internal("response ended without grpc-status")
-                        })?;
-                        return status_to_end(status);
-                    }
-                    self.state = RecvState::Body(body);
-                }
-                RecvState::Body(body) => match body.data().await {
-                    Some(Ok(chunk)) => {
-                        // Release the window now: the decoder holds at most this chunk, and
-                        // the caller consumes it before we pull the next one.
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                        self.decoder.push(chunk);
-                    }
-                    Some(Err(e)) => return Err(Status::from_h2(&e)),
-                    None => {
-                        let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
-                        self.decoder.finish()?;
-                        let status = trailers
-                            .as_ref()
-                            .and_then(Status::from_header_map)
-                            .ok_or_else(|| {
-                                Status::internal("response ended without grpc-status trailer")
-                            })?;
-                        return status_to_end(status);
-                    }
-                },
-                RecvState::Done(outcome) => return outcome.clone().map(|()| None),
             }
         }
     }
@@ -527,6 +499,54 @@ impl<Resp> Drop for ResponseStream<Resp> {
                 call.cancelled = true;
                 call.stream.send_reset(h2::Reason::CANCEL);
             }
+        }
+    }
+}
+
+/// Reads until a whole message is decoded or the stream ends. Cancel-safe: every await is
+/// on h2 and state only changes after it returns.
+async fn read_payload(
+    state: &mut RecvState,
+    decoder: &mut Decoder,
+) -> Result<Option<Bytes>, Status> {
+    loop {
+        if let Some(payload) = decoder.next_message()? {
+            return Ok(Some(payload));
+        }
+        match state {
+            RecvState::Headers(fut) => {
+                let response = fut.await.map_err(|e| Status::from_h2(&e))?;
+                let (parts, body) = response.into_parts();
+                check_response_headers(&parts)?;
+                if body.is_end_stream() {
+                    // Trailers-only response: the status is in the headers.
+                    let status = Status::from_header_map(&parts.headers)
+                        .ok_or_else(|| Status::internal("response ended without grpc-status"))?;
+                    return status_to_end(status);
+                }
+                *state = RecvState::Body(body);
+            }
+            RecvState::Body(body) => match body.data().await {
+                Some(Ok(chunk)) => {
+                    // Release the window now: the decoder holds at most this chunk, and the
+                    // caller consumes it before we pull the next one.
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    decoder.push(chunk);
+                }
+                Some(Err(e)) => return Err(Status::from_h2(&e)),
+                None => {
+                    let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
+                    decoder.finish()?;
+                    let status = trailers
+                        .as_ref()
+                        .and_then(Status::from_header_map)
+                        .ok_or_else(|| {
+                            Status::internal("response ended without grpc-status trailer")
+                        })?;
+                    return status_to_end(status);
+                }
+            },
+            RecvState::Done(outcome) => return outcome.clone().map(|()| None),
         }
     }
 }
