@@ -17,8 +17,8 @@ const WAIT: Duration = Duration::from_secs(10);
 fn client_works_inside_a_tokio_uring_runtime() {
     let worker = spawn(WorkerArgs {
         listen: "127.0.0.1:0".into(),
-        // 25 frames take ~500 ms: call 0 is surely paused and cancelled mid-way.
-        mock_frame_interval_ms: 20,
+        // 25 frames take ~1.25 s: call 0 is surely paused and cancelled mid-way.
+        mock_frame_interval_ms: 50,
         ..WorkerArgs::default()
     })
     .unwrap();
