@@ -499,6 +499,9 @@ impl Session {
             }
         }
         self.on_worker_done(generation);
+        // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:
+        // a worker that never sends them must not keep this task alive).
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
     }
 
