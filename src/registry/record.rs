@@ -524,7 +524,8 @@ mod tests {
 
     #[test]
     fn rejects_wrong_types_naming_the_field() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("name", Box::new(|v| v["name"] = json!(7))),
             ("addr", Box::new(|v| v["addr"] = json!(null))),
             ("capabilities", Box::new(|v| v["capabilities"] = json!([]))),
