@@ -63,8 +63,10 @@ pub struct DiscoveryConfig {
     /// Time between two full reads (default [`DEFAULT_DISCOVERY_INTERVAL`], 1 s).
     pub interval: Duration,
     /// Records whose heartbeat is older than this are dropped even if their key still exists
-    /// (default [`DEFAULT_TTL`], 30 s: the workers' default TTL). Compared with this host's
-    /// clock, so hosts need roughly synchronised clocks (NTP).
+    /// (default [`DEFAULT_TTL`], 30 s: the workers' default TTL). Set it to the workers'
+    /// `--registry-ttl` when that differs: it must exceed their heartbeat period (TTL / 3) or
+    /// live workers would flap. Compared with this host's clock, so hosts need roughly
+    /// synchronised clocks (NTP).
     pub max_age: Duration,
     /// Subscribe to keyspace notifications for faster updates (default true; harmless when
     /// the server does not publish them).
@@ -241,7 +243,8 @@ impl Discovery {
     }
 
     /// Stops the thread and waits (at most a few seconds) for it to finish. The last snapshot
-    /// stays readable. Idempotent.
+    /// stays readable. Idempotent. Blocking: call it at shutdown, not on a core's event loop
+    /// (dropping the last `Arc<Discovery>` also stops the thread, without waiting).
     pub fn stop(&self) {
         let _ = self.stop_tx.send(true);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -295,13 +298,11 @@ impl Refresher {
         let mut up: Option<bool> = None;
         while !*stop.borrow() {
             let read = async {
-                if conn.is_none() {
-                    conn = Some(connect(&self.client).await?);
-                }
-                match conn.as_mut() {
-                    Some(c) => fetch(c, &self.pattern).await,
-                    None => Ok(Vec::new()),
-                }
+                let c = match &mut conn {
+                    Some(c) => c,
+                    None => conn.insert(connect(&self.client).await?),
+                };
+                fetch(c, &self.pattern).await
             };
             let result = tokio::select! {
                 r = read => r,
@@ -522,6 +523,13 @@ impl WarnOnce {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Discovery>();
+        assert_send_sync::<Snapshot>();
+    }
 
     #[test]
     fn warns_once_per_key_and_reason() {

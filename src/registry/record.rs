@@ -145,6 +145,52 @@ impl WorkerRecord {
         Value::Object(rec)
     }
 
+    /// The record a worker publishes, built from its own `GetCapabilities` answer so the
+    /// registry and the gRPC liveness probe can never disagree. `name` and
+    /// `last_heartbeat_ts` are left empty: [`spawn_registration`](super::spawn_registration)
+    /// fills them on every write. `metrics.rtf` and `metrics.queue_depth` come from the
+    /// response's metrics (0 when absent), the other metrics are kept, and
+    /// `max_concurrent_sessions` (not a capability key of the record) is published as a
+    /// metric when set.
+    pub fn from_capabilities(
+        addr: impl Into<String>,
+        response: &crate::proto::GetCapabilitiesResponse,
+    ) -> WorkerRecord {
+        let caps = response.capabilities.clone().unwrap_or_default();
+        let mut extra: BTreeMap<String, f64> = response
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let rtf = extra.remove("rtf").unwrap_or(0.0);
+        let queue_depth = extra.remove("queue_depth").unwrap_or(0.0);
+        if caps.max_concurrent_sessions > 0 {
+            extra.insert(
+                "max_concurrent_sessions".into(),
+                f64::from(caps.max_concurrent_sessions),
+            );
+        }
+        WorkerRecord {
+            name: String::new(),
+            addr: addr.into(),
+            capabilities: Capabilities {
+                streaming: caps.streaming,
+                zero_shot: caps.zero_shot,
+                lora: caps.lora,
+                cpu_ok: caps.cpu_ok,
+                languages: caps.languages,
+                emotive_zero_prompt: caps.emotive_zero_prompt,
+            },
+            resident_models: response.resident_models.clone(),
+            metrics: Metrics {
+                rtf,
+                queue_depth,
+                extra,
+            },
+            last_heartbeat_ts: 0.0,
+        }
+    }
+
     /// `host:port` of [`WorkerRecord::addr`], what a gRPC client dials. Records that pass
     /// [`parse`] always have one; `None` only for a hand-built record with a bad address.
     pub fn authority(&self) -> Option<&str> {
@@ -608,6 +654,40 @@ mod tests {
         assert_eq!(parse_value(&v).unwrap().authority(), Some("[::1]:7001"));
         let e = broken(|v| v["name"] = json!(""));
         assert_eq!(e, "worker:w1: field \"name\" must not be empty");
+    }
+
+    #[test]
+    fn builds_from_the_get_capabilities_answer() {
+        use crate::proto;
+        let response = proto::GetCapabilitiesResponse {
+            capabilities: Some(proto::Capabilities {
+                streaming: true,
+                cpu_ok: true,
+                languages: vec!["en".into()],
+                max_concurrent_sessions: 64,
+                ..Default::default()
+            }),
+            resident_models: vec!["mock-440hz".into()],
+            metrics: [("rtf".to_string(), 0.02), ("queue_depth".to_string(), 5.0)]
+                .into_iter()
+                .collect(),
+        };
+        let mut r = WorkerRecord::from_capabilities("grpc://127.0.0.1:7001", &response);
+        assert_eq!(r.metrics.rtf, 0.02);
+        assert_eq!(r.metrics.queue_depth, 5.0);
+        assert_eq!(r.metrics.extra["max_concurrent_sessions"], 64.0);
+        assert!(r.capabilities.streaming && !r.capabilities.lora);
+        assert_eq!(r.resident_models, vec!["mock-440hz"]);
+        r.name = "w".into();
+        r.last_heartbeat_ts = now_epoch_secs();
+        assert_eq!(parse("worker:w", r.to_json().as_bytes()).unwrap(), r);
+
+        let bare = WorkerRecord::from_capabilities(
+            "grpc://h:1",
+            &proto::GetCapabilitiesResponse::default(),
+        );
+        assert_eq!(bare.metrics, Metrics::default());
+        assert_eq!(bare.capabilities, Capabilities::default());
     }
 
     #[test]

@@ -265,11 +265,9 @@ impl Heartbeat {
         conn: &mut Option<MultiplexedConnection>,
         make_record: &impl Fn() -> WorkerRecord,
     ) -> redis::RedisResult<()> {
-        if conn.is_none() {
-            *conn = Some(connect(&self.client).await?);
-        }
-        let Some(c) = conn.as_mut() else {
-            return Ok(());
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(connect(&self.client).await?),
         };
         let mut record = make_record();
         record.name.clone_from(&self.name);

@@ -44,6 +44,19 @@ impl<'a> Candidate<'a> {
         }
     }
 
+    /// A static `--worker` address with no registry record: no known models or languages, so
+    /// it is chosen on health and load alone (and as the fallback of model/language
+    /// preferences).
+    pub fn from_static(addr: &'a str, healthy: bool, local_in_flight: u32) -> Self {
+        Candidate {
+            addr,
+            resident_models: &[],
+            languages: &[],
+            healthy,
+            load: f64::from(local_in_flight),
+        }
+    }
+
     fn has_model(&self, model: &str) -> bool {
         self.resident_models.iter().any(|m| m == model)
     }
@@ -300,5 +313,15 @@ mod tests {
         assert_eq!(c.load, 7.0);
         assert_eq!(c.addr, "grpc://h:1");
         assert!(c.has_model("m") && c.speaks("en-AU"));
+
+        // Registry and static workers together: the model goes to the registry worker, a
+        // request without preferences goes to the less loaded static one.
+        let s = Candidate::from_static("grpc://127.0.0.1:7001", true, 1);
+        assert_eq!(s.load, 1.0);
+        let both = [c, s];
+        for seed in 0..100 {
+            assert_eq!(choose(&both, Some("m"), None, seed), Some(0));
+            assert_eq!(choose(&both, None, None, seed), Some(1));
+        }
     }
 }
