@@ -142,7 +142,11 @@ impl Upstream {
 }
 
 /// Registers the session on the worker (required before Synthesize).
-pub async fn start_session(client: &TtsClient, session_id: &str, model: &str) -> Result<(), Status> {
+pub async fn start_session(
+    client: &TtsClient,
+    session_id: &str,
+    model: &str,
+) -> Result<(), Status> {
     let req = proto::StartSessionRequest {
         session_id: session_id.to_string(),
         model_id: model.to_string(),
@@ -197,6 +201,8 @@ pub async fn end_session(client: &TtsClient, session_id: &str) -> Result<(), Sta
 
 /// Liveness probe (GetCapabilities answers at once on a healthy worker).
 pub async fn probe(client: &TtsClient) -> Result<(), Status> {
-    client.get_capabilities(Some(Duration::from_secs(1))).await?;
+    client
+        .get_capabilities(Some(Duration::from_secs(1)))
+        .await?;
     Ok(())
 }

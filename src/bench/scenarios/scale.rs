@@ -424,6 +424,12 @@ fn step_json(s: &Step, rss_base: Option<u64>) -> serde_json::Value {
         "orchestrator_cpu_percent": s.orch_cpu,
         "worker_cpu_percent": s.worker_cpu,
         "generator_cpu_percent": s.gen_cpu,
+        // The generator's own cost per audio frame received (CPU µs): what bounds it at scale.
+        "generator_cpu_us_per_frame": if s.agg.frames > 0 {
+            Some(s.gen_cpu / 100.0 * secs * 1e6 / (s.agg.frames as f64))
+        } else {
+            None
+        },
         "orchestrator_rss_kib_base": rss_base,
         "orchestrator_rss_kib_idle": s.rss_idle,
         "orchestrator_rss_kib_streaming": s.rss_stream,
