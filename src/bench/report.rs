@@ -140,7 +140,7 @@ fn fmt_num(v: f64, unit: Unit) -> String {
         Unit::Count => format!("{v:.2}"),
         Unit::Ratio => format!("{v:.1}x"),
         Unit::Percent => format!("{v:.1} %"),
-        Unit::Kib if v >= 10_240.0 => format!("{:.1} MiB", v / 1024.0),
+        Unit::Kib if v >= 1024.0 => format!("{:.1} MiB", v / 1024.0),
         Unit::Kib => format!("{v:.1} KiB"),
         Unit::PerSec => format!("{v:.1}/s"),
     }

@@ -1,7 +1,8 @@
 //! Barge-in: PAUSE in the middle of an utterance, then RESUME, then STOP.
 //!
 //! Per trial, on one session: a 100-frame utterance starts; after a few frames, PAUSE is sent
-//! at a random phase of the 20 ms frame period (so frames really are in flight sometimes). We
+//! at a random phase of the 20 ms frame period, and in every other trial just before the next
+//! frame is due (0–2 ms), so that PAUSE really races a frame. We
 //! measure PAUSE sent → last frame received and count frames after PAUSE over a 300 ms window;
 //! RESUME sent → next frame (which must continue the sequence); STOP sent → end marker.
 //! A target on which PAUSE changes nothing (the Python system) is reported "unsupported".
@@ -158,8 +159,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
         setup(
             ctx,
             &format!(
-                "1 session × {trials} trials: {}-frame utterance, PAUSE after 5–14 frames at a \
-                 random phase, RESUME, STOP",
+                "1 session × {trials} trials: {}-frame utterance, PAUSE after 5–14 frames (half at \
+                 a random phase, half 0–2 ms before a frame is due), RESUME, STOP",
                 CHUNKS * utterance::FRAMES_PER_CHUNK
             ),
             "json",
@@ -173,7 +174,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     let mut rng = rand::rng();
     for i in 0..trials {
         let k = 5 + i % 10;
-        let phase = Duration::from_micros(rng.random_range(0..20_000));
+        // Odd trials: a random phase of the period. Even trials: PAUSE races the next frame
+        // (sent 0–2 ms before it is due), the case where a slow server lets a frame through.
+        let phase = if i % 2 == 0 {
+            Duration::from_micros(rng.random_range(18_000..20_000))
+        } else {
+            Duration::from_micros(rng.random_range(0..20_000))
+        };
         let tr = trial(&mut conn, k, phase, &mut agg).await?;
         if let Some(why) = tr.unsupported {
             r.status = Status::Unsupported(why);
