@@ -369,6 +369,7 @@ pub struct Conn {
     /// Opcode and payload of a fragmented message being reassembled.
     frag: Option<(u8, Vec<u8>)>,
     closed: bool,
+    seen_end_marker: bool,
 }
 
 /// Scratch type for messages the client sends.
@@ -411,6 +412,7 @@ impl Conn {
             last_read: Instant::now(),
             frag: None,
             closed: false,
+            seen_end_marker: false,
         };
         tokio::time::timeout_at(deadline, conn.stream.write_all(req.as_bytes()))
             .await
@@ -505,6 +507,9 @@ impl Conn {
                 }));
             }
             if let Some(kind) = self.parse_one().await? {
+                if matches!(kind, EventKind::End { .. }) {
+                    self.seen_end_marker = true;
+                }
                 return Ok(Some(Event {
                     at: self.last_read,
                     kind,
@@ -614,6 +619,30 @@ impl Conn {
             .await
             .context("socket write")?;
         Ok(())
+    }
+
+    /// Whether this server has sent an end marker on this connection: from then on silence
+    /// mid-utterance is a stall to wait out, not the end of a marker-less utterance.
+    pub fn seen_end_marker(&self) -> bool {
+        self.seen_end_marker
+    }
+
+    /// Every event that can be read without waiting (already received by the kernel).
+    ///
+    /// Why: before sending PAUSE or STOP, frames that arrived earlier must be counted as
+    /// arriving before it, even if this task was slow to read them.
+    pub async fn ready_events(&mut self) -> Result<Vec<Event>> {
+        let mut v = Vec::new();
+        // A deadline of "now" still polls the read once: tokio's timeout polls the inner
+        // future before it looks at the clock.
+        while let Some(ev) = self.next_event(Deadline::now()).await? {
+            let closed = ev.kind == EventKind::Closed;
+            v.push(ev);
+            if closed {
+                break;
+            }
+        }
+        Ok(v)
     }
 
     /// Sends a `text` message; returns the instant taken just before the write (FAL's start).
@@ -843,6 +872,44 @@ mod tests {
         let ev = c.next_event(dl).await.unwrap().unwrap();
         assert_eq!(ev.kind, EventKind::Closed);
         assert_eq!(server.join().unwrap(), b"hi");
+    }
+
+    #[tokio::test]
+    async fn ready_events_returns_what_arrived_without_waiting() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (s, _) = l.accept().unwrap();
+            let mut ws = tungstenite::accept(s).unwrap();
+            let mut raw = Vec::new();
+            for seq in 1u32..=3 {
+                raw.extend_from_slice(&[0x82, 8, 1, 0, 0, 0]);
+                raw.extend_from_slice(&seq.to_le_bytes());
+            }
+            ws.get_mut().write_all(&raw).unwrap();
+            // Keep the connection open (and silent) until the client is done.
+            let _ = hold_rx.recv_timeout(std::time::Duration::from_secs(10));
+        });
+        let url = WsUrl::parse(&format!("ws://{addr}/")).unwrap();
+        let dl = Deadline::now() + std::time::Duration::from_secs(5);
+        let mut c = Conn::connect(&url, dl).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let evs = c.ready_events().await.unwrap();
+        let seqs: Vec<i64> = evs
+            .iter()
+            .map(|e| match e.kind {
+                EventKind::Audio { seq, .. } => seq,
+                ref k => panic!("unexpected {k:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        let t = std::time::Instant::now();
+        assert!(c.ready_events().await.unwrap().is_empty());
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        hold_tx.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[tokio::test]

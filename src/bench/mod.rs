@@ -64,8 +64,13 @@ pub struct BenchArgs {
     /// Run a short CI-sized pass (< 60 s) that checks correctness only.
     #[arg(long)]
     pub quick: bool,
-    /// Run only these scenarios (comma-separated names; see the list in --help).
-    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    /// Run only these scenarios (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAME,...",
+        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
+    )]
     pub only: Vec<String>,
     /// Benchmark an already running server instead of starting our own.
     #[arg(long, value_name = "ws://HOST:PORT/PATH")]

@@ -192,6 +192,18 @@ pub struct Waits {
     pub max_total: Duration,
 }
 
+impl Waits {
+    /// How long silence after a frame may last before the utterance counts as over: short for
+    /// a server that has never sent an end marker here, long once it has (then it is a stall).
+    pub fn silence(&self, conn: &Conn) -> Duration {
+        if conn.seen_end_marker() {
+            self.first_frame.max(self.end_gap)
+        } else {
+            self.end_gap
+        }
+    }
+}
+
 impl Default for Waits {
     fn default() -> Self {
         Self {
@@ -205,9 +217,9 @@ impl Default for Waits {
 /// Reads events into `t` until the utterance ends (marker, final frame, close, silence).
 pub async fn receive(conn: &mut Conn, t: &mut Tracker, waits: Waits) -> Result<()> {
     while t.end.is_none() {
-        let base = t
-            .last_at
-            .map_or((t.sent_at, waits.first_frame), |last| (last, waits.end_gap));
+        let base = t.last_at.map_or((t.sent_at, waits.first_frame), |last| {
+            (last, waits.silence(conn))
+        });
         let deadline = Deadline::from_std((base.0 + base.1).min(t.sent_at + waits.max_total));
         match conn.next_event(deadline).await? {
             Some(ev) => {

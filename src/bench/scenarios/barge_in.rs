@@ -51,6 +51,15 @@ async fn drain_until(conn: &mut Conn, t: &mut Tracker, until: Instant) -> Result
     Ok(())
 }
 
+/// Feeds `t` whatever has already arrived, so that frames received before a control message
+/// is sent are never counted as arriving after it (however late this task reads them).
+async fn take_ready(conn: &mut Conn, t: &mut Tracker) -> Result<()> {
+    for ev in conn.ready_events().await? {
+        t.on_event(&ev);
+    }
+    Ok(())
+}
+
 /// Waits for the next frame (or the end), feeding `t`; returns whether a frame came.
 async fn next_frame(conn: &mut Conn, t: &mut Tracker, limit: Duration) -> Result<bool> {
     let before = t.frames;
@@ -87,6 +96,7 @@ async fn trial(conn: &mut Conn, k: u32, phase: Duration, agg: &mut Agg) -> Resul
     // 2. PAUSE at a random phase of the frame period.
     let at = t.last_at.unwrap_or_else(Instant::now) + phase;
     drain_until(conn, &mut t, at).await?;
+    take_ready(conn, &mut t).await?;
     let before = t.frames;
     let t_pause = conn.send_control("PAUSE").await?;
     drain_until(conn, &mut t, t_pause + PAUSE_WINDOW).await?;
@@ -121,6 +131,7 @@ async fn trial(conn: &mut Conn, k: u32, phase: Duration, agg: &mut Agg) -> Resul
         next_frame(conn, &mut t, CONTROL_WAIT).await?;
     }
     // 4. STOP → end marker.
+    take_ready(conn, &mut t).await?;
     let before = t.frames;
     let t_stop = conn.send_control("STOP").await?;
     drain_until(conn, &mut t, t_stop + CONTROL_WAIT).await?;

@@ -14,14 +14,18 @@ use crate::bench::client::{Conn, WsUrl};
 use crate::bench::procfs;
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::stats::Hist;
-use crate::bench::utterance::{self, Agg, FRAMES_PER_CHUNK};
+use crate::bench::utterance::{self, Agg, Waits, FRAMES_PER_CHUNK};
 
 /// Connect → `session_start` time and the first utterance's tracker, on a new connection.
-async fn first_utterance(url: &WsUrl, agg: &mut Agg) -> Result<(Duration, Option<Duration>)> {
+async fn first_utterance(
+    url: &WsUrl,
+    w: Waits,
+    agg: &mut Agg,
+) -> Result<(Duration, Option<Duration>)> {
     let t0 = std::time::Instant::now();
     let (mut conn, _, at) = Conn::open(url, super::deadline(CONNECT_TIMEOUT)).await?;
     let connect = at.saturating_duration_since(t0);
-    let t = utterance::play(&mut conn, &utterance::chunks(1), waits()).await?;
+    let t = utterance::play(&mut conn, &utterance::chunks(1), w).await?;
     agg.add(&t, Some(FRAMES_PER_CHUNK));
     conn.close().await;
     Ok((connect, t.fal()))
@@ -40,6 +44,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     };
     let mut r = ScenarioReport::new("cold_start", setup(ctx, &what, "json"));
     let mut agg = Agg::default();
+    let w = waits(ctx);
     let (mut start_h, mut cold_connect, mut cold_fal) = (Hist::new(), Hist::new(), Hist::new());
     let mut idle_rss = Vec::new();
     let mut warm_url = None;
@@ -55,7 +60,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
                 idle_rss.push(s.rss_kib);
             }
             let url = WsUrl::parse(&format!("ws://{}/", p.addr))?;
-            let (c, f) = first_utterance(&url, &mut agg).await?;
+            let (c, f) = first_utterance(&url, w, &mut agg).await?;
             cold_connect.record(c);
             if let Some(f) = f {
                 cold_fal.record(f);
@@ -69,7 +74,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
         let (mut wc, mut wf) = (Hist::new(), Hist::new());
         if let Some(url) = &warm_url {
             for _ in 0..warm {
-                let (c, f) = first_utterance(url, &mut agg).await?;
+                let (c, f) = first_utterance(url, w, &mut agg).await?;
                 wc.record(c);
                 if let Some(f) = f {
                     wf.record(f);
@@ -88,14 +93,14 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
         );
     } else {
         let url = ctx.sut.url()?;
-        let (c, f) = first_utterance(&url, &mut agg).await?;
+        let (c, f) = first_utterance(&url, w, &mut agg).await?;
         cold_connect.record(c);
         if let Some(f) = f {
             cold_fal.record(f);
         }
         let (mut wc, mut wf) = (Hist::new(), Hist::new());
         for _ in 0..warm {
-            let (c, f) = first_utterance(&url, &mut agg).await?;
+            let (c, f) = first_utterance(&url, w, &mut agg).await?;
             wc.record(c);
             if let Some(f) = f {
                 wf.record(f);

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Result};
 
-use super::{check, fal_rows, open, sequential, setup, Ctx, SEED_INTERVAL_MS};
+use super::{check, fal_rows, open, sequential, setup, waits, Ctx, SEED_INTERVAL_MS};
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::utterance::Agg;
 
@@ -17,7 +17,7 @@ pub async fn fal_single(ctx: &mut Ctx) -> Result<ScenarioReport> {
     );
     let mut conn = open(&ctx.sut.url()?).await?;
     let mut agg = Agg::default();
-    sequential(&mut conn, n, 1, &mut agg).await?;
+    sequential(&mut conn, n, 1, waits(ctx), &mut agg).await?;
     conn.close().await;
     fal_rows(&mut r, &agg.fal, ctx.floor.as_ref(), Some(300.0), Some(1.0));
     check(&mut r, ctx, &agg);
@@ -49,10 +49,11 @@ pub async fn fal_concurrent(
         conns.push(open(&url).await?);
     }
     let mut tasks = Vec::new();
+    let w = waits(ctx);
     for mut c in conns {
         tasks.push(tokio::spawn(async move {
             let mut agg = Agg::default();
-            let res = sequential(&mut c, n, 1, &mut agg).await;
+            let res = sequential(&mut c, n, 1, w, &mut agg).await;
             c.close().await;
             res.map(|()| agg)
         }));
@@ -83,7 +84,7 @@ pub async fn latency_percentiles(ctx: &mut Ctx) -> Result<ScenarioReport> {
     );
     let mut conn = open(&ctx.sut.url()?).await?;
     let mut agg = Agg::default();
-    sequential(&mut conn, n, 1, &mut agg).await?;
+    sequential(&mut conn, n, 1, waits(ctx), &mut agg).await?;
     conn.close().await;
     let s = agg.fal.summary();
     for (label, v) in [

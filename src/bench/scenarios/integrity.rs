@@ -25,7 +25,7 @@ pub async fn frame_consistency(ctx: &mut Ctx) -> Result<ScenarioReport> {
     );
     let mut conn = open(&ctx.sut.url()?).await?;
     let mut agg = Agg::default();
-    sequential(&mut conn, n, 1, &mut agg).await?;
+    sequential(&mut conn, n, 1, waits(ctx), &mut agg).await?;
     conn.close().await;
     let mut counts = agg.counts.clone();
     counts.sort_unstable();
@@ -87,7 +87,7 @@ pub async fn rapid_messages(ctx: &mut Ctx) -> Result<ScenarioReport> {
         ),
     );
     let mut conn = open(&ctx.sut.url()?).await?;
-    let w = waits();
+    let w = waits(ctx);
     let mut agg = Agg::default();
     let mut sends: VecDeque<Instant> = VecDeque::new();
     let mut cur: Option<Tracker> = None;
@@ -114,7 +114,7 @@ pub async fn rapid_messages(ctx: &mut Ctx) -> Result<ScenarioReport> {
             next_send
         } else if agg.frames > 0 || cur.as_ref().is_some_and(|t| t.frames > 0) {
             // Answers follow each other without a pause; a silence this long means no more.
-            last_activity + w.end_gap
+            last_activity + w.silence(&conn)
         } else {
             last_activity + w.first_frame
         };

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{check, open, sequential, setup, Ctx, SEED_INTERVAL_MS};
+use super::{check, open, sequential, setup, waits, Ctx, SEED_INTERVAL_MS};
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::utterance::Agg;
 
@@ -29,7 +29,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     let mut segs: Vec<Agg> = Vec::new();
     for _ in 0..segments {
         let mut a = Agg::default();
-        sequential(&mut conn, per, 1, &mut a).await?;
+        sequential(&mut conn, per, 1, waits(ctx), &mut a).await?;
         segs.push(a);
         rss.push(ctx.sut.sample().map(|s| s.rss_kib));
     }

@@ -73,20 +73,32 @@ pub async fn open(url: &WsUrl) -> Result<Conn> {
     Ok(Conn::open(url, deadline(CONNECT_TIMEOUT)).await?.0)
 }
 
-/// The waits used by scenarios (first frame 10 s; 1 s of silence ends a marker-less utterance).
-pub fn waits() -> Waits {
+/// The waits used by scenarios: first frame 10 s; silence ends an utterance without a marker
+/// after 1 s on a foreign target, while our own server always sends markers, so there silence
+/// is a stall to wait out (10 s).
+pub fn waits(ctx: &Ctx) -> Waits {
     Waits {
         first_frame: Duration::from_secs(10),
-        end_gap: Duration::from_secs(1),
+        end_gap: if ctx.sut.spawned() {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(1)
+        },
         max_total: Duration::from_secs(120),
     }
 }
 
 /// Plays `n` utterances of `chunks` one after another on `conn`, adding each to `agg`.
-pub async fn sequential(conn: &mut Conn, n: u32, chunks: u32, agg: &mut Agg) -> Result<()> {
+pub async fn sequential(
+    conn: &mut Conn,
+    n: u32,
+    chunks: u32,
+    waits: Waits,
+    agg: &mut Agg,
+) -> Result<()> {
     let text = utterance::chunks(chunks);
     for _ in 0..n {
-        let t = utterance::play(conn, &text, waits()).await?;
+        let t = utterance::play(conn, &text, waits).await?;
         agg.add(&t, Some(chunks * utterance::FRAMES_PER_CHUNK));
     }
     Ok(())

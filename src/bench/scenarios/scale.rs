@@ -17,7 +17,7 @@ use crate::bench::client::{Conn, WsUrl};
 use crate::bench::procfs::{cpu_percent, SelfCpu};
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::stats::Hist;
-use crate::bench::utterance::{self, Agg, End, FRAMES_PER_CHUNK};
+use crate::bench::utterance::{self, Agg, End, Waits, FRAMES_PER_CHUNK};
 use crate::bench::WireFormat;
 
 /// Handshakes in flight at once while connecting a step's sessions.
@@ -141,11 +141,11 @@ async fn stream_session(
     mut conn: Conn,
     start_at: Instant,
     window: (Instant, Instant),
+    w: Waits,
     agg: Arc<Mutex<Agg>>,
 ) -> Result<()> {
     tokio::time::sleep_until(tokio::time::Instant::from_std(start_at)).await;
     let text = utterance::chunks(1);
-    let w = waits();
     while Instant::now() < window.1 {
         let t = utterance::play(&mut conn, &text, w).await?;
         if t.sent_at >= window.0 && t.sent_at < window.1 {
@@ -178,12 +178,13 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
     );
     let agg = Arc::new(Mutex::new(Agg::default()));
     let count = conns.len().max(1) as u32;
+    let w = waits(ctx);
     let tasks: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let start = t0 + stagger * (i as u32) / count;
-            tokio::spawn(stream_session(c, start, win, agg.clone()))
+            tokio::spawn(stream_session(c, start, win, w, agg.clone()))
         })
         .collect();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 use super::{check, deadline, jitter_rows, loss_rows, open, setup, waits, Ctx, SEED_INTERVAL_MS};
 use crate::bench::client::{Conn, EventKind};
 use crate::bench::report::{Row, ScenarioReport, Status, Target, Unit};
-use crate::bench::utterance::{self, Agg, End, Tracker, FRAMES_PER_CHUNK};
+use crate::bench::utterance::{self, Agg, End, Tracker, Waits, FRAMES_PER_CHUNK};
 
 /// Seed test 4: one long utterance (k streamed chunks of 25 frames), realtime pacing.
 pub async fn frame_jitter(ctx: &mut Ctx) -> Result<ScenarioReport> {
@@ -29,7 +29,7 @@ pub async fn frame_jitter(ctx: &mut Ctx) -> Result<ScenarioReport> {
         ),
     );
     let mut conn = open(&ctx.sut.url()?).await?;
-    let t = utterance::play(&mut conn, &utterance::chunks(chunks), waits()).await?;
+    let t = utterance::play(&mut conn, &utterance::chunks(chunks), waits(ctx)).await?;
     conn.close().await;
     let mut agg = Agg::default();
     agg.add(&t, Some(expected));
@@ -60,7 +60,7 @@ struct Pumped {
 }
 
 /// Streams utterances back to back on one session (two in flight) until `until`.
-async fn pump(mut conn: Conn, until: Instant) -> Result<Pumped> {
+async fn pump(mut conn: Conn, until: Instant, w: Waits) -> Result<Pumped> {
     let text = "Throughput sentence for the duplex benchmark.";
     let mut in_flight: VecDeque<Instant> = VecDeque::new();
     for _ in 0..2 {
@@ -71,10 +71,9 @@ async fn pump(mut conn: Conn, until: Instant) -> Result<Pumped> {
         frames_in_window: 0,
         utterances_in_window: 0,
     };
-    let w = waits();
     let mut t = Tracker::new(in_flight[0]);
     loop {
-        let limit = t.last_at.map_or(w.first_frame, |_| w.end_gap);
+        let limit = t.last_at.map_or(w.first_frame, |_| w.silence(&conn));
         let ev = conn.next_event(deadline(limit)).await?;
         let ended = match &ev {
             None => {
@@ -135,9 +134,10 @@ pub async fn throughput(ctx: &mut Ctx) -> Result<ScenarioReport> {
     }
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
+    let w = waits(ctx);
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|c| tokio::spawn(pump(c, until)))
+        .map(|c| tokio::spawn(pump(c, until, w)))
         .collect();
     let mut agg = Agg::default();
     let (mut frames, mut utts) = (0u64, 0u64);
