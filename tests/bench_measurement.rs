@@ -329,3 +329,30 @@ fn missing_features_are_unsupported_not_failures() {
     // A burst: every frame after the first is 20 ms off its slot.
     assert!(num(&fal["data"]["fal"]["min_ms"]) >= 0.9);
 }
+
+#[test]
+fn a_paced_server_that_ignores_pause_is_reported_unsupported() {
+    let fake = start_fake(Schedule {
+        first_frame: Duration::from_millis(1),
+        hiccup: None,
+        paced: true,
+        end_marker: true,
+    });
+    let json = tmp("nopause");
+    let (ok, out, r) = run_bench(&fake.url, "barge_in", &json);
+    assert!(ok, "{out}");
+    let b = scenario(&r, "barge_in");
+    assert_eq!(b["status"], "unsupported", "{out}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("PAUSE had no effect"),
+        "{b}"
+    );
+    // Frames kept coming every 20 ms: about 15 in the 300 ms window.
+    assert!(
+        b["data"]["frames_after_pause"].as_u64().unwrap() >= 4,
+        "{b}"
+    );
+}

@@ -105,6 +105,15 @@ async fn trial(conn: &mut Conn, k: u32, phase: Duration, agg: &mut Agg) -> Resul
         Some(last) if out.after_pause > 0 => last.saturating_duration_since(t_pause),
         _ => Duration::ZERO,
     });
+    if before >= CHUNKS * utterance::FRAMES_PER_CHUNK {
+        out.unsupported = Some(format!(
+            "no pacing: all {before} frames had arrived before PAUSE could be sent, so there \
+             was nothing left to pause"
+        ));
+        drain_until(conn, &mut t, Instant::now() + Duration::from_secs(1)).await?;
+        agg.add(&t, None);
+        return Ok(out);
+    }
     if t.end.is_some() || out.after_pause > 3 {
         out.unsupported = Some(format!(
             "PAUSE had no effect: {} frames arrived in the {} ms after it{}",
