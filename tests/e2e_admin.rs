@@ -1,0 +1,209 @@
+//! End to end: the operator's side of the orchestrator: the HTTP endpoints on the WebSocket
+//! port (PROTOCOL.md 4) and the command line (bad flags, busy ports, `duplex demo`).
+
+mod common;
+
+use common::*;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn health_liveness_readiness_are_json_200_with_a_worker() {
+    let stack = Stack::default().await;
+    for path in ["/health", "/liveness", "/readiness"] {
+        let r = http_get(stack.server.addr, path).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let ct = r.header("content-type").unwrap_or_default();
+        assert!(
+            ct.contains("application/json"),
+            "{path} content-type {ct:?}"
+        );
+        assert!(
+            r.json().is_object(),
+            "{path} must be a JSON object: {}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_is_503_when_the_worker_is_down() {
+    let dead = format!("grpc://{}", free_addr());
+    let server = Server::serve(&dead, &[]).await;
+    // The worker check may run in the background; give it a bounded moment to notice.
+    let deadline = Instant::now() + WAIT;
+    let r = loop {
+        let r = http_get(server.addr, "/health").await;
+        if r.status == 503 || Instant::now() >= deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status, 503, "/health without a worker: {r:?}");
+    assert!(r.json().is_object(), "503 body is JSON too: {}", r.body);
+    // Liveness is about the process itself, which is fine.
+    let live = http_get(server.addr, "/liveness").await;
+    assert_eq!(live.status, 200, "/liveness: {live:?}");
+}
+
+#[tokio::test]
+async fn metrics_count_sessions_and_frames() {
+    let stack = Stack::default().await;
+    let addr = stack.server.addr;
+
+    let before = http_get(addr, "/metrics").await;
+    assert_eq!(before.status, 200, "{before:?}");
+    let ct = before.header("content-type").unwrap_or_default();
+    assert!(
+        ct.starts_with("text/plain") || ct.starts_with("application/openmetrics-text"),
+        "Prometheus text content-type, got {ct:?}"
+    );
+    let sessions = |text: &str| metric_sum(text, |n| n == "sessions_active");
+    let frames_sent = |text: &str| metric_sum(text, |n| n.contains("frames_sent"));
+    assert_eq!(
+        sessions(&before.body),
+        Some(0.0),
+        "sessions_active (the Python system's name) must exist and be 0:\n{}",
+        before.body
+    );
+    let f0 = frames_sent(&before.body)
+        .unwrap_or_else(|| panic!("no frames-sent counter in /metrics:\n{}", before.body));
+
+    let mut c = stack.server.client("pacing=asap").await;
+    c.say("Count me.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+
+    let during = http_get(addr, "/metrics").await;
+    assert_eq!(sessions(&during.body), Some(1.0), "one open session");
+    let f1 = frames_sent(&during.body).expect("frames-sent counter");
+    assert!(
+        f1 >= f0 + MOCK_FRAMES as f64,
+        "frames sent must grow by at least {MOCK_FRAMES}: {f0} -> {f1}"
+    );
+
+    // Closing the session brings the gauge back down (the server may need a moment).
+    c.close().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http_get(addr, "/metrics").await;
+        if sessions(&r.body) == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions_active never went back to 0:\n{}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn unknown_path_is_404() {
+    let stack = Stack::default().await;
+    let r = http_get(stack.server.addr, "/no/such/thing").await;
+    assert_eq!(r.status, 404, "{r:?}");
+}
+
+/// The first line of stderr that says something.
+fn reason(stderr: &str) -> &str {
+    stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+#[test]
+fn bad_flag_exits_non_zero_with_a_reason() {
+    for args in [
+        &["serve", "--no-such-flag"][..],
+        &[
+            "serve",
+            "--worker",
+            "grpc://127.0.0.1:1",
+            "--pacing",
+            "sometimes",
+        ],
+        &[
+            "serve",
+            "--worker",
+            "grpc://127.0.0.1:1",
+            "--max-connections",
+            "many",
+        ],
+        &["worker", "--no-such-flag"],
+        &["no-such-subcommand"],
+    ] {
+        let (status, _out, err) = run_cli(args, WAIT);
+        assert!(!status.success(), "`duplex {}` must fail", args.join(" "));
+        let line = reason(&err);
+        assert!(
+            !line.is_empty(),
+            "`duplex {}` must say why on stderr",
+            args.join(" ")
+        );
+        // The one line names what was wrong.
+        let culprit = args.last().expect("args");
+        let culprit = culprit.trim_start_matches('-');
+        assert!(
+            line.contains(culprit),
+            "`duplex {}`: the first stderr line should name {culprit:?}, got {line:?}\nfull stderr:\n{err}",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn serve_on_a_busy_port_exits_non_zero_naming_the_address() {
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let (status, _out, err) = run_cli(
+        &["serve", "--listen", &addr, "--worker", "grpc://127.0.0.1:1"],
+        WAIT,
+    );
+    assert!(!status.success(), "serve on a busy port must fail");
+    assert!(
+        err.contains(&addr),
+        "the error must mention {addr}, stderr:\n{err}"
+    );
+}
+
+#[test]
+fn worker_on_a_busy_port_exits_non_zero_naming_the_address() {
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let (status, _out, err) = run_cli(&["worker", "--listen", &addr], WAIT);
+    assert!(!status.success(), "worker on a busy port must fail");
+    assert!(
+        err.contains(&addr),
+        "the error must mention {addr}, stderr:\n{err}"
+    );
+}
+
+#[tokio::test]
+async fn demo_alone_serves_an_utterance_end_to_end() {
+    let demo = Server::demo(&[]).await;
+    let mut c = demo.client("").await;
+    c.say("Hello from the demo.").await;
+    let u = c.collect_utterance(WAIT).await;
+    u.assert_complete(MOCK_FRAMES);
+    assert!(u.frames.iter().all(|f| is_audible(&f.pcm)));
+    let r = http_get(demo.addr, "/health").await;
+    assert_eq!(r.status, 200, "demo's embedded worker is healthy: {r:?}");
+}
+
+#[tokio::test]
+async fn sigterm_ends_sessions_with_shutdown_then_exits() {
+    let mut stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    let id = c.session_id();
+    stack.server.proc.signal(libc::SIGTERM);
+
+    let end = c.recv_json(WAIT).await;
+    assert_eq!(end["type"], "session_end", "{end}");
+    assert_eq!(end["reason"], "shutdown", "{end}");
+    assert_eq!(end["session_id"], id.as_str(), "{end}");
+    match c.recv(WAIT).await {
+        Incoming::Close(_) => {}
+        other => panic!("expected a close frame after session_end, got {other:?}"),
+    }
+    let status = stack.server.proc.wait_exit(WAIT);
+    assert!(status.success(), "clean exit on SIGTERM, got {status}");
+}
