@@ -3,6 +3,9 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
+# The worker `just serve` talks to; override with DUPLEX_WORKER=grpc://host:port.
+worker_url := env_var_or_default("DUPLEX_WORKER", "grpc://127.0.0.1:7001")
+
 # Show the recipes.
 default:
     @just --list
@@ -12,8 +15,8 @@ demo *ARGS:
     cargo run --release -- demo {{ARGS}}
 
 # Orchestrator on 0.0.0.0:8080 in front of a worker (start one with `just worker`).
-serve worker="grpc://127.0.0.1:7001" *ARGS:
-    cargo run --release -- serve --listen 0.0.0.0:8080 --worker {{worker}} {{ARGS}}
+serve *ARGS:
+    cargo run --release -- serve --listen 0.0.0.0:8080 --worker {{worker_url}} {{ARGS}}
 
 # Mock TTS worker (gRPC) on 0.0.0.0:7001.
 worker *ARGS:
