@@ -1,28 +1,131 @@
 //! Command line: one binary, `duplex`, with a subcommand per role. The subcommand names are a
 //! public interface (scripts, compose files and docs use them).
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, OrchestratorArgs};
 
 /// Real-time full-duplex voice gateway.
 #[derive(Debug, Parser)]
 #[command(name = "duplex", version, about)]
 pub struct Cli {
+    /// Log format: human-readable text, or one JSON object per line for production.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a TTS worker (gRPC server, default 0.0.0.0:7001).
+    /// Run the orchestrator: WebSocket clients in, gRPC TTS workers out.
+    Serve(ServeArgs),
+    /// Orchestrator and a TTS worker in one process, no Redis: hear audio with one command.
+    Demo(DemoArgs),
+    /// Run a TTS worker (gRPC server).
     Worker(crate::worker::WorkerArgs),
     /// Run the load generator and print the performance report.
     Bench(crate::bench::BenchArgs),
 }
 
+/// Flags of `duplex serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address for WebSocket clients and the HTTP admin endpoints.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// TTS worker address (grpc://HOST:PORT); repeat for several workers.
+    #[arg(long = "worker", required = true)]
+    pub workers: Vec<String>,
+    #[command(flatten)]
+    pub orchestrator: OrchestratorArgs,
+}
+
+/// Flags of `duplex demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Address for WebSocket clients, the web page and the admin endpoints.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Delay before the mock voice's first frame, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub mock_first_frame_ms: u64,
+    /// Interval between the mock voice's frames, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub mock_frame_interval_ms: u64,
+    #[command(flatten)]
+    pub orchestrator: OrchestratorArgs,
+}
+
 /// Runs the chosen subcommand to completion.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(cli.log_format);
     match cli.command {
+        Command::Serve(args) => {
+            let config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
+            let orchestrator = crate::runtime::Orchestrator::start(config)?;
+            wait_for_signal()?;
+            tracing::info!("shutting down");
+            orchestrator.shutdown();
+            Ok(())
+        }
+        Command::Demo(args) => {
+            let worker = crate::worker::spawn(crate::worker::WorkerArgs {
+                listen: "127.0.0.1:0".into(),
+                mock_first_frame_ms: args.mock_first_frame_ms,
+                mock_frame_interval_ms: args.mock_frame_interval_ms,
+                ..crate::worker::WorkerArgs::default()
+            })?;
+            let worker_url = format!("grpc://{}", worker.local_addr());
+            let config = Config::new(&args.listen, &[worker_url], &args.orchestrator)?;
+            let model = config.model.clone();
+            let orchestrator = crate::runtime::Orchestrator::start(config)?;
+            let addr = orchestrator.local_addr();
+            println!("duplex demo: ws://{addr}/  (model {model}; choose another with --model or ?model=)");
+            println!("  health: http://{addr}/health   metrics: http://{addr}/metrics");
+            wait_for_signal()?;
+            orchestrator.shutdown();
+            worker.shutdown();
+            Ok(())
+        }
         Command::Worker(args) => crate::worker::run(args),
         Command::Bench(args) => crate::bench::run(args),
     }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling `run` twice) is harmless, so its error is ignored.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Blocks until SIGINT or SIGTERM.
+fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
 }

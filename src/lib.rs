@@ -6,8 +6,17 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod pacer;
+pub mod protocol;
+pub mod runtime;
+pub mod session;
+pub mod upstream;
 pub mod worker;
+pub mod ws;
 
 /// Generated protobuf types of `proto/tts.proto` (package `tts`).
 pub mod proto {
