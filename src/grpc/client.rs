@@ -1,0 +1,636 @@
+//! gRPC client over one raw HTTP/2 connection (`h2`, prior knowledge, no TLS).
+//!
+//! One [`Client`] is one TCP connection carrying many concurrent calls (HTTP/2 streams);
+//! cloning it is cheap. The connection is driven by a task spawned with `tokio::spawn`, so the
+//! client works both in a multi-thread tokio runtime and inside a `tokio_uring` runtime (a
+//! current-thread tokio runtime with a `LocalSet`): every future here is `Send` because the
+//! socket is a plain `tokio::net::TcpStream`.
+//!
+//! Life of a call: [`Client::streaming`] sends the request headers and returns a
+//! [`RequestSink`] (synchronous `send`, because h2 buffers DATA frames and the orchestrator
+//! pushes text from sync code) and a [`ResponseStream`] (async `message`). Dropping the
+//! response stream of an unfinished call resets the stream with `RST_STREAM(CANCEL)`, which
+//! is how a barge-in tells the worker to stop synthesising.
+//!
+//! Liveness: HTTP/2 PINGs every `keepalive_interval`; a PONG missing for `keepalive_timeout`
+//! tears the connection down, failing every open call with UNAVAILABLE and flipping
+//! [`Client::is_closed`], so a SIGSTOPped worker or a vanished host is noticed even when no
+//! call is active.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::codec::{self, Decoder, DEFAULT_MAX_MESSAGE};
+use super::status::{Code, Status};
+use super::timeout;
+
+/// Per-stream receive window: about 5 s of 48 kHz audio frames per call before the worker
+/// has to wait for us, so flow control never throttles a healthy stream.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Connection receive window: room for several streams bursting at once.
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Connection settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Budget for the TCP connect plus HTTP/2 handshake. Workers sit on the same LAN, so a
+    /// connect slower than 1 s means the worker is gone and the caller should try another.
+    pub connect_timeout: Duration,
+    /// Time between keepalive PINGs (`Duration::ZERO` disables keepalive). 5 s bounds how
+    /// long a dead worker goes unnoticed at the cost of one 17-byte frame per interval.
+    pub keepalive_interval: Duration,
+    /// How long to wait for the PONG before declaring the connection dead. 5 s tolerates a
+    /// worker busy with a GC-like stall but still fails over within ~10 s of a hang.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Handle to one HTTP/2 connection to a gRPC server; cheap to clone (all clones share the
+/// connection and its streams).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    send: SendRequest<Bytes>,
+    /// `host:port` used for the `:authority` pseudo-header.
+    authority: http::uri::Authority,
+    /// Becomes true when the connection task ends (peer gone, keepalive timeout, error).
+    dead: watch::Receiver<bool>,
+    /// Set when the server refused a new stream because it is going away (GOAWAY): existing
+    /// calls may finish, but the client must not be used for new ones.
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("authority", &self.inner.authority)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// Splits `"grpc://host:port"`, `"http://host:port"` or `"host:port"` into the authority.
+fn parse_addr(addr: &str) -> Result<http::uri::Authority, Status> {
+    let rest = addr
+        .strip_prefix("grpc://")
+        .or_else(|| addr.strip_prefix("http://"))
+        .unwrap_or(addr);
+    let rest = rest.trim_end_matches('/');
+    let authority: http::uri::Authority = rest
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("invalid worker address {addr:?}: {e}")))?;
+    if authority.port_u16().is_none() {
+        return Err(Status::invalid_argument(format!(
+            "invalid worker address {addr:?}: expected host:port"
+        )));
+    }
+    Ok(authority)
+}
+
+impl Client {
+    /// Opens the TCP connection (TCP_NODELAY: without it the small frames of an audio stream
+    /// stall on delayed ACKs) and the HTTP/2 connection with prior knowledge. Refused, timed
+    /// out or failed connections are UNAVAILABLE so the caller can try another worker.
+    pub async fn connect(addr: &str, opts: &ClientOptions) -> Result<Client, Status> {
+        let authority = parse_addr(addr)?;
+        let target = authority.as_str().to_owned();
+        let handshake = async {
+            let tcp = TcpStream::connect(&target)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot connect to {target}: {e}")))?;
+            tcp.set_nodelay(true)
+                .map_err(|e| Status::unavailable(format!("cannot set TCP_NODELAY: {e}")))?;
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))
+        };
+        let (send, mut conn) = tokio::time::timeout(opts.connect_timeout, handshake)
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "connecting to {target} timed out after {:?}",
+                    opts.connect_timeout
+                ))
+            })??;
+
+        let (dead_tx, dead_rx) = watch::channel(false);
+        let ping_pong = conn.ping_pong();
+        let interval = opts.keepalive_interval;
+        let ka_timeout = opts.keepalive_timeout;
+        let peer = target.clone();
+        tokio::spawn(async move {
+            let keepalive = keepalive(ping_pong, interval, ka_timeout);
+            let reason = tokio::select! {
+                r = &mut conn => match r {
+                    Ok(()) => "connection closed".to_owned(),
+                    Err(e) => format!("connection error: {e}"),
+                },
+                r = keepalive => r,
+            };
+            // Dropping `conn` here fails every stream still open (h2 reports EOF to them).
+            drop(conn);
+            debug!(peer = %peer, %reason, "gRPC connection ended");
+            dead_tx.send_replace(true);
+        });
+
+        Ok(Client {
+            inner: Arc::new(Inner {
+                send,
+                authority,
+                dead: dead_rx,
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// True once the connection can no longer carry new calls: the peer closed it, sent
+    /// GOAWAY, or stopped answering keepalive PINGs. The orchestrator then reconnects or
+    /// picks another worker.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.dead.borrow() || self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// One request, one response. `timeout` is sent as `grpc-timeout` and enforced locally.
+    pub async fn unary<Req: Message, Resp: Message + Default>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<Resp, Status> {
+        let (mut sink, mut stream) = self.streaming::<Req, Resp>(path, timeout).await?;
+        if let Err(send_err) = sink.send(req).and_then(|()| sink.finish()) {
+            // The server may already have answered (e.g. UNIMPLEMENTED, trailers-only) and
+            // reset the stream; its status explains the failure better than ours.
+            return Err(match stream.message().await {
+                Err(status) => status,
+                Ok(_) => send_err,
+            });
+        }
+        let msg = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::internal(format!("{path}: server sent no response message")))?;
+        match stream.message().await? {
+            None => Ok(msg),
+            Some(_) => Err(Status::internal(format!(
+                "{path}: server sent more than one response message to a unary call"
+            ))),
+        }
+    }
+
+    /// Starts a streaming call (client, server or bidi streaming are all this on the wire).
+    /// The request headers go out at once; the server's verdict (e.g. UNIMPLEMENTED) arrives
+    /// through [`ResponseStream::message`]. `timeout` bounds the whole call.
+    pub async fn streaming<Req: Message, Resp: Message + Default>(
+        &self,
+        path: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(RequestSink<Req>, ResponseStream<Resp>), Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if *self.inner.dead.borrow() {
+            return Err(Status::unavailable("connection is closed"));
+        }
+        let request = self.build_request(path, timeout)?;
+
+        let mut dead = self.inner.dead.clone();
+        let ready = self.inner.send.clone().ready();
+        let send = tokio::select! {
+            biased;
+            r = ready => r.map_err(|e| self.conn_error(&e)),
+            _ = dead.wait_for(|d| *d) => Err(Status::unavailable("connection is closed")),
+            _ = sleep_until(deadline) => Err(Status::deadline_exceeded(format!(
+                "{path}: deadline exceeded waiting for a free HTTP/2 stream"
+            ))),
+        };
+        let mut send = send?;
+        let (response, stream) = send
+            .send_request(request, false)
+            .map_err(|e| self.conn_error(&e))?;
+        let call = Arc::new(Mutex::new(CallSend {
+            stream,
+            finished: false,
+            cancelled: false,
+        }));
+        Ok((
+            RequestSink {
+                call: call.clone(),
+                _marker: PhantomData,
+            },
+            ResponseStream {
+                state: RecvState::Headers(response),
+                decoder: Decoder::new(DEFAULT_MAX_MESSAGE),
+                call,
+                deadline,
+                dead: self.inner.dead.clone(),
+                path: path.to_owned(),
+                _marker: PhantomData,
+            },
+        ))
+    }
+
+    fn build_request(&self, path: &str, timeout: Option<Duration>) -> Result<Request<()>, Status> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(self.inner.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| Status::invalid_argument(format!("invalid method path {path:?}: {e}")))?;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .header(http::header::USER_AGENT, "duplex-grpc/0.1");
+        if let Some(t) = timeout {
+            builder = builder.header(timeout::GRPC_TIMEOUT, timeout::format(t));
+        }
+        builder
+            .body(())
+            .map_err(|e| Status::internal(format!("cannot build request: {e}")))
+    }
+
+    /// Maps an error of `ready`/`send_request` and remembers a GOAWAY.
+    fn conn_error(&self, err: &h2::Error) -> Status {
+        if err.is_go_away() || err.is_io() {
+            self.inner.draining.store(true, Ordering::Relaxed);
+        }
+        let mut status = Status::from_h2(err);
+        if status.code != Code::Unavailable && (err.is_go_away() || err.is_io()) {
+            status.code = Code::Unavailable;
+        }
+        status
+    }
+}
+
+/// Sends PINGs forever; returns (with the reason) when one is not answered in time.
+async fn keepalive(
+    ping_pong: Option<h2::PingPong>,
+    interval: Duration,
+    timeout: Duration,
+) -> String {
+    let Some(mut ping_pong) = ping_pong.filter(|_| !interval.is_zero()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+            Err(_) => {
+                warn!("no PING ack within {timeout:?}: closing the connection");
+                return format!("keepalive timeout: no PING ack within {timeout:?}");
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Send half of a call, shared by the sink (sending) and the response stream (cancelling).
+struct CallSend {
+    stream: SendStream<Bytes>,
+    finished: bool,
+    cancelled: bool,
+}
+
+fn lock(call: &Mutex<CallSend>) -> MutexGuard<'_, CallSend> {
+    // A panic while holding this lock cannot leave CallSend inconsistent (every update is a
+    // single assignment), so a poisoned lock is safe to reuse.
+    call.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The request half of a call. `send` is synchronous: h2 queues the DATA frame and the
+/// connection task writes it, so sync code (the orchestrator's session state machine) can
+/// push text chunks without awaiting.
+pub struct RequestSink<Req> {
+    call: Arc<Mutex<CallSend>>,
+    _marker: PhantomData<fn(&Req)>,
+}
+
+impl<Req: Message> RequestSink<Req> {
+    /// Queues one message. Fails after `finish`, after the call was cancelled, or when the
+    /// stream was reset (the server ended the call or the connection died).
+    pub fn send(&mut self, msg: &Req) -> Result<(), Status> {
+        let data = codec::encode(msg)?;
+        let mut call = lock(&self.call);
+        if call.cancelled {
+            return Err(Status::cancelled("call was cancelled"));
+        }
+        if call.finished {
+            return Err(Status::internal("send after finish"));
+        }
+        call.stream
+            .send_data(data, false)
+            .map_err(|e| Status::from_h2(&e))
+    }
+
+    /// Half-closes the request side (END_STREAM): the server sees the end of the request
+    /// stream. Idempotent.
+    pub fn finish(&mut self) -> Result<(), Status> {
+        let mut call = lock(&self.call);
+        if call.finished || call.cancelled {
+            return Ok(());
+        }
+        call.finished = true;
+        call.stream
+            .send_data(Bytes::new(), true)
+            .map_err(|e| Status::from_h2(&e))
+    }
+}
+
+impl<Req> Drop for RequestSink<Req> {
+    /// A dropped sink means "no more requests": half-close so the server can finish.
+    fn drop(&mut self) {
+        let mut call = lock(&self.call);
+        if !call.finished && !call.cancelled {
+            call.finished = true;
+            let _ = call.stream.send_data(Bytes::new(), true);
+        }
+    }
+}
+
+enum RecvState {
+    /// Waiting for the response headers.
+    Headers(ResponseFuture),
+    /// Reading DATA frames.
+    Body(RecvStream),
+    /// The call is over; repeat its outcome to further `message` calls.
+    Done(Result<(), Status>),
+}
+
+/// The response half of a call. Dropping it before the call ended cancels the call on the
+/// wire (RST_STREAM CANCEL) so the server stops working for nobody.
+pub struct ResponseStream<Resp> {
+    state: RecvState,
+    decoder: Decoder,
+    call: Arc<Mutex<CallSend>>,
+    deadline: Option<Instant>,
+    dead: watch::Receiver<bool>,
+    path: String,
+    _marker: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp: Message + Default> ResponseStream<Resp> {
+    /// The next response message. `Ok(None)`: the call ended with grpc-status OK. `Err`: a
+    /// non-OK status from the server, UNAVAILABLE when the connection died, or
+    /// DEADLINE_EXCEEDED when the call's timeout passed (the call is then cancelled).
+    /// Cancel-safe: dropping the future loses nothing.
+    pub async fn message(&mut self) -> Result<Option<Resp>, Status> {
+        match self.next_payload().await {
+            Ok(Some(payload)) => match codec::decode(payload) {
+                Ok(msg) => Ok(Some(msg)),
+                Err(status) => {
+                    self.fail(status.clone());
+                    Err(status)
+                }
+            },
+            Ok(None) => Ok(None),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Next raw message payload; on error the call is marked done and cancelled.
+    async fn next_payload(&mut self) -> Result<Option<Bytes>, Status> {
+        if let RecvState::Done(outcome) = &self.state {
+            return outcome.clone().map(|()| None);
+        }
+        let deadline = self.deadline;
+        let mut dead = self.dead.clone();
+        let path = self.path.clone();
+        let result = tokio::select! {
+            biased;
+            r = self.read_payload() => r,
+            _ = sleep_until(deadline) => Err(Status::deadline_exceeded(format!(
+                "{path}: deadline exceeded"
+            ))),
+            _ = dead.wait_for(|d| *d) => Err(Status::unavailable(format!(
+                "{path}: connection lost"
+            ))),
+        };
+        match result {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) => {
+                self.state = RecvState::Done(Ok(()));
+                Ok(None)
+            }
+            Err(status) => {
+                self.fail(status.clone());
+                Err(status)
+            }
+        }
+    }
+
+    /// Reads until a whole message is decoded or the stream ends. Cancel-safe: every await
+    /// is on h2 and state only changes after it returns.
+    async fn read_payload(&mut self) -> Result<Option<Bytes>, Status> {
+        loop {
+            if let Some(payload) = self.decoder.next_message()? {
+                return Ok(Some(payload));
+            }
+            match &mut self.state {
+                RecvState::Headers(fut) => {
+                    let response = fut.await.map_err(|e| Status::from_h2(&e))?;
+                    let (parts, body) = response.into_parts();
+                    check_response_headers(&parts)?;
+                    if body.is_end_stream() {
+                        // Trailers-only response: the status is in the headers.
+                        let status = Status::from_header_map(&parts.headers).ok_or_else(|| {
+                            Status::internal("response ended without grpc-status")
+                        })?;
+                        return status_to_end(status);
+                    }
+                    self.state = RecvState::Body(body);
+                }
+                RecvState::Body(body) => match body.data().await {
+                    Some(Ok(chunk)) => {
+                        // Release the window now: the decoder holds at most this chunk, and
+                        // the caller consumes it before we pull the next one.
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        self.decoder.push(chunk);
+                    }
+                    Some(Err(e)) => return Err(Status::from_h2(&e)),
+                    None => {
+                        let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
+                        self.decoder.finish()?;
+                        let status = trailers
+                            .as_ref()
+                            .and_then(Status::from_header_map)
+                            .ok_or_else(|| {
+                                Status::internal("response ended without grpc-status trailer")
+                            })?;
+                        return status_to_end(status);
+                    }
+                },
+                RecvState::Done(outcome) => return outcome.clone().map(|()| None),
+            }
+        }
+    }
+
+    /// Ends the call with an error and resets the stream so the server stops.
+    fn fail(&mut self, status: Status) {
+        self.state = RecvState::Done(Err(status));
+        self.cancel();
+    }
+
+    fn cancel(&mut self) {
+        let mut call = lock(&self.call);
+        if !call.cancelled {
+            call.cancelled = true;
+            call.stream.send_reset(h2::Reason::CANCEL);
+        }
+    }
+}
+
+impl<Resp> Drop for ResponseStream<Resp> {
+    fn drop(&mut self) {
+        if !matches!(self.state, RecvState::Done(Ok(()))) {
+            let mut call = lock(&self.call);
+            if !call.cancelled {
+                call.cancelled = true;
+                call.stream.send_reset(h2::Reason::CANCEL);
+            }
+        }
+    }
+}
+
+fn status_to_end(status: Status) -> Result<Option<Bytes>, Status> {
+    if status.is_ok() {
+        Ok(None)
+    } else {
+        Err(status)
+    }
+}
+
+/// Validates HTTP status and content-type of a response, mapping failures per the gRPC
+/// HTTP-to-gRPC status mapping.
+fn check_response_headers(parts: &http::response::Parts) -> Result<(), Status> {
+    if parts.status != http::StatusCode::OK {
+        let detail = Status::from_header_map(&parts.headers)
+            .map(|s| s.message)
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| format!("HTTP status {}", parts.status));
+        return Err(Status::new(
+            Code::from_http_status(parts.status),
+            format!("server answered HTTP {}: {detail}", parts.status.as_u16()),
+        ));
+    }
+    if !is_grpc_content_type(&parts.headers) {
+        // A trailers-only error from a gRPC server may omit content-type; trust its status.
+        if let Some(status) = Status::from_header_map(&parts.headers) {
+            return if status.is_ok() { Ok(()) } else { Err(status) };
+        }
+        return Err(Status::unknown(format!(
+            "response content-type {:?} is not application/grpc",
+            parts.headers.get(http::header::CONTENT_TYPE)
+        )));
+    }
+    Ok(())
+}
+
+/// True for `application/grpc` and its `+proto`-style variants.
+pub(crate) fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct == "application/grpc"
+                || ct.starts_with("application/grpc+")
+                || ct.starts_with("application/grpc;")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_accept_scheme_or_plain() {
+        assert_eq!(
+            parse_addr("grpc://10.0.0.1:7001").unwrap().as_str(),
+            "10.0.0.1:7001"
+        );
+        assert_eq!(parse_addr("http://w1:7001/").unwrap().as_str(), "w1:7001");
+        assert_eq!(
+            parse_addr("localhost:7001").unwrap().as_str(),
+            "localhost:7001"
+        );
+        assert_eq!(parse_addr("[::1]:7001").unwrap().as_str(), "[::1]:7001");
+        for bad in ["", "grpc://", "host", "host:port", "a b:1"] {
+            assert_eq!(
+                parse_addr(bad).unwrap_err().code,
+                Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc_content_type(&h));
+        for (ct, ok) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc; charset=x", true),
+            ("application/json", false),
+            ("application/grpcx", false),
+        ] {
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc_content_type(&h), ok, "{ct}");
+        }
+    }
+
+    #[test]
+    fn default_options() {
+        let o = ClientOptions::default();
+        assert_eq!(o.connect_timeout, Duration::from_secs(1));
+        assert_eq!(o.keepalive_interval, Duration::from_secs(5));
+        assert_eq!(o.keepalive_timeout, Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn connect_refused_is_unavailable() {
+        // Bind then drop to get a port that (almost certainly) refuses.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let err = Client::connect(&format!("127.0.0.1:{port}"), &ClientOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, Code::Unavailable, "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+//! Typed client of `tts.TTSService` (proto/tts.proto) and its method paths.
+//!
+//! The orchestrator codes against these methods instead of raw paths so a typo in a method
+//! name or a mismatched message type is a compile error, not an UNIMPLEMENTED at run time.
+
+use std::time::Duration;
+
+use super::client::{Client, ClientOptions, RequestSink, ResponseStream};
+use super::status::Status;
+use crate::proto::{
+    AudioFrame, ControlRequest, ControlResponse, EndSessionRequest, EndSessionResponse,
+    GetCapabilitiesRequest, GetCapabilitiesResponse, ListModelsRequest, ListModelsResponse,
+    LoadModelRequest, LoadModelResponse, StartSessionRequest, StartSessionResponse, TextChunk,
+    UnloadModelRequest, UnloadModelResponse,
+};
+
+/// HTTP/2 `:path` of every RPC of `tts.TTSService` (shared by client and worker).
+pub mod path {
+    /// `StartSession(StartSessionRequest) -> StartSessionResponse`.
+    pub const START_SESSION: &str = "/tts.TTSService/StartSession";
+    /// `EndSession(EndSessionRequest) -> EndSessionResponse`.
+    pub const END_SESSION: &str = "/tts.TTSService/EndSession";
+    /// `Synthesize(stream TextChunk) -> stream AudioFrame`.
+    pub const SYNTHESIZE: &str = "/tts.TTSService/Synthesize";
+    /// `Control(ControlRequest) -> ControlResponse`.
+    pub const CONTROL: &str = "/tts.TTSService/Control";
+    /// `ListModels(ListModelsRequest) -> ListModelsResponse`.
+    pub const LIST_MODELS: &str = "/tts.TTSService/ListModels";
+    /// `LoadModel(LoadModelRequest) -> LoadModelResponse`.
+    pub const LOAD_MODEL: &str = "/tts.TTSService/LoadModel";
+    /// `UnloadModel(UnloadModelRequest) -> UnloadModelResponse`.
+    pub const UNLOAD_MODEL: &str = "/tts.TTSService/UnloadModel";
+    /// `GetCapabilities(GetCapabilitiesRequest) -> GetCapabilitiesResponse`.
+    pub const GET_CAPABILITIES: &str = "/tts.TTSService/GetCapabilities";
+}
+
+/// A [`Client`] that knows the `tts.TTSService` methods. Cheap to clone, like `Client`.
+#[derive(Clone, Debug)]
+pub struct TtsClient {
+    client: Client,
+}
+
+impl From<Client> for TtsClient {
+    fn from(client: Client) -> Self {
+        TtsClient { client }
+    }
+}
+
+impl TtsClient {
+    /// Connects to a worker at `"host:port"` or `"grpc://host:port"` (see [`Client::connect`]).
+    pub async fn connect(addr: &str, opts: &ClientOptions) -> Result<TtsClient, Status> {
+        Client::connect(addr, opts).await.map(TtsClient::from)
+    }
+
+    /// The underlying untyped client (for custom paths or sharing the connection).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// True once the connection is dead (see [`Client::is_closed`]).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Registers a session (model id and options) on the worker.
+    pub async fn start_session(
+        &self,
+        req: &StartSessionRequest,
+        timeout: Option<Duration>,
+    ) -> Result<StartSessionResponse, Status> {
+        self.client.unary(path::START_SESSION, req, timeout).await
+    }
+
+    /// Forgets a session (succeeds for unknown ids too).
+    pub async fn end_session(
+        &self,
+        req: &EndSessionRequest,
+        timeout: Option<Duration>,
+    ) -> Result<EndSessionResponse, Status> {
+        self.client.unary(path::END_SESSION, req, timeout).await
+    }
+
+    /// Opens a synthesis: send [`TextChunk`]s (the first carries the session id), read
+    /// [`AudioFrame`]s until the one with `is_final`. Dropping the stream cancels it.
+    pub async fn synthesize(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<(RequestSink<TextChunk>, ResponseStream<AudioFrame>), Status> {
+        self.client.streaming(path::SYNTHESIZE, timeout).await
+    }
+
+    /// PAUSE / RESUME / STOP / RELOAD the session's current synthesis.
+    pub async fn control(
+        &self,
+        req: &ControlRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ControlResponse, Status> {
+        self.client.unary(path::CONTROL, req, timeout).await
+    }
+
+    /// Models the worker knows, loaded or not.
+    pub async fn list_models(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<ListModelsResponse, Status> {
+        self.client
+            .unary(path::LIST_MODELS, &ListModelsRequest {}, timeout)
+            .await
+    }
+
+    /// Makes a model resident.
+    pub async fn load_model(
+        &self,
+        req: &LoadModelRequest,
+        timeout: Option<Duration>,
+    ) -> Result<LoadModelResponse, Status> {
+        self.client.unary(path::LOAD_MODEL, req, timeout).await
+    }
+
+    /// Evicts a resident model.
+    pub async fn unload_model(
+        &self,
+        req: &UnloadModelRequest,
+        timeout: Option<Duration>,
+    ) -> Result<UnloadModelResponse, Status> {
+        self.client.unary(path::UNLOAD_MODEL, req, timeout).await
+    }
+
+    /// Capabilities, resident models and load metrics; also the liveness probe.
+    pub async fn get_capabilities(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<GetCapabilitiesResponse, Status> {
+        self.client
+            .unary(path::GET_CAPABILITIES, &GetCapabilitiesRequest {}, timeout)
+            .await
+    }
+}
