@@ -128,6 +128,14 @@ fn bad_flag_exits_non_zero_with_a_reason() {
             "--max-connections",
             "many",
         ],
+        &["serve", "--worker", "bogus://x"],
+        &[
+            "serve",
+            "--worker",
+            "grpc://127.0.0.1:1",
+            "--listen",
+            "not-an-address",
+        ],
         &["worker", "--no-such-flag"],
         &["no-such-subcommand"],
     ] {
@@ -163,6 +171,44 @@ fn serve_on_a_busy_port_exits_non_zero_naming_the_address() {
         err.contains(&addr),
         "the error must mention {addr}, stderr:\n{err}"
     );
+}
+
+#[tokio::test]
+async fn serve_on_a_port_another_orchestrator_holds_exits_non_zero() {
+    // The orchestrator's per-core listeners use SO_REUSEPORT, with which a second duplex
+    // process could silently share the port; it must refuse instead.
+    let first = Server::serve("grpc://127.0.0.1:1", &[]).await;
+    let addr = first.addr.to_string();
+    let (status, _out, err) = run_cli(
+        &["serve", "--listen", &addr, "--worker", "grpc://127.0.0.1:1"],
+        WAIT,
+    );
+    assert!(
+        !status.success(),
+        "a second orchestrator on {addr} must fail, stderr:\n{err}"
+    );
+    assert!(err.contains(&addr), "the error must mention {addr}:\n{err}");
+}
+
+#[tokio::test]
+async fn serve_restarts_on_the_same_port_right_after_a_shutdown() {
+    let worker = Worker::start(&[]).await;
+    let mut first = Server::serve(&worker.url(), &[]).await;
+    let addr = first.addr;
+    let mut c = first.client("pacing=asap").await;
+    c.say("Before the restart.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    // A clean shutdown closes the client connection from the server side, which leaves
+    // TIME_WAIT sockets on the port; a restart must still be able to listen there.
+    first.proc.signal(libc::SIGTERM);
+    let _ = c.recv_until(WAIT, |v| v["type"] == "session_end").await;
+    drop(c);
+    first.proc.wait_exit(WAIT);
+
+    let second = Server::serve_on(addr, &worker.url(), &[]).await;
+    let mut c = second.client("pacing=asap").await;
+    c.say("After the restart.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
 }
 
 #[test]

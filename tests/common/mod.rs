@@ -222,7 +222,11 @@ pub struct Server {
 impl Server {
     /// Starts `duplex serve --worker WORKER_URL` on a free port and waits until it accepts.
     pub async fn serve(worker_url: &str, extra: &[&str]) -> Server {
-        let addr = free_addr();
+        Server::serve_on(free_addr(), worker_url, extra).await
+    }
+
+    /// Starts `duplex serve` on `addr` (e.g. to restart one on the same port).
+    pub async fn serve_on(addr: SocketAddr, worker_url: &str, extra: &[&str]) -> Server {
         let mut args = strings(&[
             "serve",
             "--listen",
