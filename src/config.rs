@@ -112,7 +112,7 @@ impl Config {
 }
 
 fn secs(flag: &str, v: f64) -> anyhow::Result<Option<Duration>> {
-    if !v.is_finite() || v < 0.0 || v > 1e9 {
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
         bail!("{flag} must be a non-negative number of seconds, got {v}");
     }
     Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Value};
 
 use crate::audio::{FRAME_MS, SAMPLE_RATE};
+use crate::ws::chunk::Chunk;
 use crate::ws::frame::{self, Opcode};
 
 /// Error codes of the `error` message (a fixed set clients switch on).
@@ -147,14 +148,16 @@ pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool)
         Format::Binary => {
             let payload_len = pcm.map_or(0, |p| p.len());
             let total = BINARY_HEADER_LEN + payload_len;
-            let mut head = BytesMut::with_capacity(frame::header_len(total) + BINARY_HEADER_LEN);
-            frame::put_header(&mut head, Opcode::Binary, total);
-            head.put_u8(BINARY_VERSION);
-            head.put_u8(if is_final { FLAG_FINAL } else { 0 });
-            head.put_u16(0);
-            head.put_u32_le(sequence);
+            // Built on the stack and stored inline in the output queue: no allocation.
+            let mut head = [0u8; 10 + BINARY_HEADER_LEN];
+            let ws_len = frame::write_header(&mut head, Opcode::Binary, total);
+            head[ws_len] = BINARY_VERSION;
+            head[ws_len + 1] = if is_final { FLAG_FINAL } else { 0 };
+            head[ws_len + 4..ws_len + 8].copy_from_slice(&sequence.to_le_bytes());
+            let head = &head[..ws_len + BINARY_HEADER_LEN];
             AudioChunks {
-                head: head.freeze(),
+                head: Chunk::inline(head)
+                    .unwrap_or_else(|| Chunk::Shared(Bytes::copy_from_slice(head))),
                 pcm: pcm.cloned(),
             }
         }
@@ -182,7 +185,7 @@ pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool)
             buf.put_slice(seq.as_bytes());
             buf.put_slice(tail);
             AudioChunks {
-                head: buf.freeze(),
+                head: Chunk::Shared(buf.freeze()),
                 pcm: None,
             }
         }
@@ -191,7 +194,7 @@ pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool)
 
 /// The wire chunks of one audio message: a head and, in binary mode, the PCM itself.
 pub struct AudioChunks {
-    pub head: Bytes,
+    pub head: Chunk,
     pub pcm: Option<Bytes>,
 }
 
@@ -263,7 +266,7 @@ mod tests {
     }
 
     fn payload(chunks: &AudioChunks) -> Vec<u8> {
-        let head = &chunks.head;
+        let head = chunks.head.as_slice();
         let hl = match head[1] & 0x7f {
             126 => 4,
             127 => 10,
@@ -281,7 +284,7 @@ mod tests {
         let pcm = Bytes::from((0..1920u32).map(|i| i as u8).collect::<Vec<_>>());
         let c = audio(Format::Json, 17, Some(&pcm), false);
         // Header of a 2.6 KB text frame is 4 bytes.
-        let body = &c.head[4..];
+        let body = &c.head.as_slice()[4..];
         let v: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["type"], "audio");
         assert_eq!(v["sequence"], 17);
@@ -298,7 +301,7 @@ mod tests {
     #[test]
     fn json_end_marker() {
         let c = audio(Format::Json, 26, None, true);
-        let v: Value = serde_json::from_slice(&c.head[2..]).unwrap();
+        let v: Value = serde_json::from_slice(&c.head.as_slice()[2..]).unwrap();
         assert_eq!(v["pcm"], "");
         assert_eq!(v["sequence"], 26);
         assert_eq!(v["is_final"], true);

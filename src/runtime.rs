@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use slab::Slab;
 use tokio::sync::watch;
 use tokio_uring::net::TcpStream;
@@ -25,6 +25,7 @@ use crate::pacer::Pacer;
 use crate::protocol::Format;
 use crate::session::{Options, Session};
 use crate::upstream::{Upstream, WorkerHealth};
+use crate::ws::chunk::Chunk;
 use crate::ws::codec::{Decoder, Inbound};
 use crate::ws::handshake::{self, Parsed};
 
@@ -47,24 +48,9 @@ pub struct Core {
     pub upstream: Upstream,
 }
 
-impl Core {
-    fn session(&self, key: usize) -> Option<Rc<Session>> {
-        self.sessions.borrow().get(key).cloned()
-    }
-}
-
-/// A running orchestrator; dropping it does not stop it, call [`Orchestrator::shutdown`].
-pub struct Orchestrator {
-    addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Orchestrator {
-    /// Binds the listeners (errors such as a busy port surface here) and starts the cores.
-    pub fn start(config: Config) -> anyhow::Result<Self> {
-        let listeners = bind(config.listen, config.cores)?;
-        let addr = listeners[0].local_addr()?;
+impl Shared {
+    /// Shared state for a new orchestrator, and the sender that triggers its shutdown.
+    pub fn new(config: Config) -> (Arc<Self>, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             workers: config
@@ -82,6 +68,40 @@ impl Orchestrator {
             shutdown: rx,
             config,
         });
+        (shared, tx)
+    }
+}
+
+impl Core {
+    /// A core's state; call on the core's own thread (the pacer's timer slack is per thread).
+    pub fn new(index: usize, shared: Arc<Shared>) -> std::io::Result<Rc<Self>> {
+        Ok(Rc::new(Core {
+            index,
+            upstream: Upstream::new(&shared.workers),
+            pacer: Pacer::new()?,
+            sessions: RefCell::new(Slab::new()),
+            shared,
+        }))
+    }
+
+    fn session(&self, key: usize) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(key).cloned()
+    }
+}
+
+/// A running orchestrator; dropping it does not stop it, call [`Orchestrator::shutdown`].
+pub struct Orchestrator {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Orchestrator {
+    /// Binds the listeners (errors such as a busy port surface here) and starts the cores.
+    pub fn start(config: Config) -> anyhow::Result<Self> {
+        let listeners = bind(config.listen, config.cores)?;
+        let addr = listeners[0].local_addr()?;
+        let (shared, tx) = Shared::new(config);
         let mut threads = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -159,20 +179,13 @@ fn pin_to_cpu(index: usize) {
 }
 
 async fn core_main(index: usize, listener: StdListener, shared: Arc<Shared>) {
-    let pacer = match Pacer::new() {
-        Ok(p) => p,
+    let core = match Core::new(index, shared.clone()) {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(core = index, error = %e, "cannot create the pacing timer");
             return;
         }
     };
-    let core = Rc::new(Core {
-        index,
-        upstream: Upstream::new(&shared.workers),
-        shared: shared.clone(),
-        sessions: RefCell::new(Slab::new()),
-        pacer,
-    });
     tokio_uring::spawn(pacer_loop(core.clone()));
     if index == 0 {
         tokio_uring::spawn(probe_loop(core.clone()));
@@ -387,7 +400,7 @@ async fn run_session(core: &Rc<Core>, stream: TcpStream, opts: Options, leftover
     let mut buf = vec![0u8; READ_BUF];
     'read: loop {
         loop {
-            match decoder.next() {
+            match decoder.next_message() {
                 Inbound::Message(tungstenite::Message::Text(t)) => {
                     session.on_client_text(t.as_str())
                 }
@@ -440,7 +453,7 @@ async fn run_session(core: &Rc<Core>, stream: TcpStream, opts: Options, leftover
 /// Drains the session's output queue into the socket with vectored writes; closes the socket
 /// once the session has finished its output.
 async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut batch: Vec<Chunk> = Vec::with_capacity(64);
     loop {
         let done = session.take_output(&mut batch, MAX_IOV);
         if batch.is_empty() {
@@ -460,7 +473,7 @@ async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
 }
 
 /// Writes every chunk of `batch` (handling partial writes) and leaves it empty.
-async fn write_all(stream: &TcpStream, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
+async fn write_all(stream: &TcpStream, batch: &mut Vec<Chunk>) -> std::io::Result<()> {
     while !batch.is_empty() {
         let (res, b) = stream.writev(std::mem::take(batch)).await;
         *batch = b;

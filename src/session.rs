@@ -25,6 +25,7 @@ use crate::proto;
 use crate::protocol::{self, ClientMessage, Command, ErrorCode, Format};
 use crate::runtime::Core;
 use crate::upstream;
+use crate::ws::chunk::Chunk;
 
 /// Length of one frame's slot.
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
@@ -122,7 +123,7 @@ struct State {
 /// Bytes waiting for the connection's writer.
 #[derive(Default)]
 struct Out {
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     /// No more data will be queued; the writer closes the socket once drained.
     closing: bool,
     /// The socket is gone; drop whatever is queued.
@@ -169,7 +170,7 @@ impl Session {
         if out.dead || out.closing {
             return;
         }
-        out.chunks.push_back(chunk);
+        out.chunks.push_back(Chunk::Shared(chunk));
         drop(out);
         self.out_ready.notify_one();
     }
@@ -194,7 +195,7 @@ impl Session {
 
     /// Moves up to `max` queued chunks into `batch`; returns true when the writer should
     /// close the socket (closing and drained, or dead).
-    pub fn take_output(&self, batch: &mut Vec<Bytes>, max: usize) -> bool {
+    pub fn take_output(&self, batch: &mut Vec<Chunk>, max: usize) -> bool {
         let mut out = self.out.borrow_mut();
         if out.dead {
             return true;
@@ -480,7 +481,7 @@ impl Session {
                         ));
                     }
                     if !frame.audio_data.is_empty() {
-                        self.on_frame(generation, frame.audio_data);
+                        self.deliver_frame(generation, frame.audio_data);
                     }
                     if frame.is_final {
                         break;
@@ -530,7 +531,9 @@ impl Session {
         true
     }
 
-    fn on_frame(self: &Rc<Self>, generation: u64, pcm: Bytes) {
+    /// A PCM frame from the worker for utterance `generation` (called by the synthesis task;
+    /// public so the zero-allocation test can drive the forwarding path directly).
+    pub fn deliver_frame(self: &Rc<Self>, generation: u64, pcm: Bytes) {
         let now = Instant::now();
         let mut st = self.state.borrow_mut();
         let paused = st.paused;
@@ -660,7 +663,7 @@ impl Session {
         }
         out.chunks.push_back(chunks.head);
         if let Some(pcm) = chunks.pcm {
-            out.chunks.push_back(pcm);
+            out.chunks.push_back(Chunk::Shared(pcm));
         }
         drop(out);
         self.out_ready.notify_one();

@@ -430,12 +430,14 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
         let deadline = self.deadline;
         let mut dead = self.dead.clone();
         let path = self.path.clone();
+        // Deadline first: once it has passed the call has failed, even if a message (or the
+        // server's own verdict on the expired call) is already waiting.
         let result = tokio::select! {
             biased;
-            r = self.read_payload() => r,
             _ = sleep_until(deadline) => Err(Status::deadline_exceeded(format!(
                 "{path}: deadline exceeded"
             ))),
+            r = self.read_payload() => r,
             _ = dead.wait_for(|d| *d) => Err(Status::unavailable(format!(
                 "{path}: connection lost"
             ))),

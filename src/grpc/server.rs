@@ -401,18 +401,25 @@ impl ResponseSender {
         self.send_encoded(codec::encode(msg)?).await
     }
 
+    /// Sends the response headers now instead of with the first message: tells the client
+    /// the call was accepted (clients such as tonic time out a call whose headers are late,
+    /// whatever the body does). After this, errors go in trailers instead of a trailers-only
+    /// response. Idempotent.
+    pub fn send_headers(&mut self) -> Result<(), Status> {
+        let mut st = lock(&self.shared);
+        if st.stream.is_none() {
+            let stream = st
+                .respond
+                .send_response(response_head(grpc_headers()), false)
+                .map_err(|e| Status::from_h2(&e))?;
+            st.stream = Some(stream);
+        }
+        Ok(())
+    }
+
     /// Sends one already-encoded message (5-byte prefix included).
     pub async fn send_encoded(&mut self, mut data: Bytes) -> Result<(), Status> {
-        {
-            let mut st = lock(&self.shared);
-            if st.stream.is_none() {
-                let stream = st
-                    .respond
-                    .send_response(response_head(grpc_headers()), false)
-                    .map_err(|e| Status::from_h2(&e))?;
-                st.stream = Some(stream);
-            }
-        }
+        self.send_headers()?;
         while !data.is_empty() {
             let want = data.len();
             let capacity = std::future::poll_fn(|cx| {

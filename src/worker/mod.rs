@@ -1,38 +1,266 @@
-//! The TTS worker (placeholder until the worker branch lands; keeps `main` compiling).
+//! The TTS worker (`duplex worker`): the gRPC `tts.TTSService` backed by the mock model.
+//!
+//! [`run`] is the CLI entry (serves until SIGINT/SIGTERM); [`spawn`] runs a worker on its own
+//! OS thread for `duplex demo` (orchestrator and worker in one process) and for tests.
+//!
+//! Runtime choice: a multi-thread tokio runtime with 2 worker threads. The gRPC stack is
+//! `Send` throughout, the target machines have few cores, and two threads let a long burst of
+//! frame generation on one connection not delay the liveness probe or Control on another;
+//! more threads would only fight the orchestrator for the same cores in `duplex demo`.
+
+pub mod metrics;
+pub mod mock;
+pub mod models;
+pub mod service;
+pub mod session;
+pub mod synthesis;
+
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::grpc::{serve, ServerConfig};
+use mock::MockTiming;
+use service::{ServiceConfig, TtsService};
+
+/// Default gRPC listen address (PROTOCOL.md §2: port 7001).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7001";
+/// Default session limit.
+pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Default delay before the first mock frame, in ms.
+pub const DEFAULT_FIRST_FRAME_MS: u64 = 0;
+/// Default delay between mock frames, in ms.
+pub const DEFAULT_FRAME_INTERVAL_MS: u64 = 5;
 
 /// Flags of `duplex worker`.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// Address to listen on for gRPC.
-    #[arg(long, default_value = "0.0.0.0:7001")]
+    /// Address to listen on for gRPC (`127.0.0.1:0` picks a free port).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: String,
-    /// Delay before the first mock frame, in ms.
-    #[arg(long, default_value_t = 0)]
+    /// Mock model: delay before the first frame of each Synthesize call, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_FIRST_FRAME_MS)]
     pub mock_first_frame_ms: u64,
-    /// Delay between mock frames, in ms.
-    #[arg(long, default_value_t = 5)]
+    /// Mock model: delay between frames in milliseconds (0 = as fast as possible).
+    #[arg(long, default_value_t = DEFAULT_FRAME_INTERVAL_MS)]
     pub mock_frame_interval_ms: u64,
+    /// Sessions beyond this many are refused by StartSession (success: false).
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
+    /// Name of this worker (its registry key, later `worker:<name>` in Redis).
+    #[arg(long, default_value_t = default_name())]
+    pub name: String,
 }
 
-/// Runs the worker.
-pub fn run(_args: WorkerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("worker: not built yet")
+impl Default for WorkerArgs {
+    /// The same defaults as the command line, for `duplex demo` and tests.
+    fn default() -> Self {
+        WorkerArgs {
+            listen: DEFAULT_LISTEN.to_owned(),
+            mock_first_frame_ms: DEFAULT_FIRST_FRAME_MS,
+            mock_frame_interval_ms: DEFAULT_FRAME_INTERVAL_MS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            name: default_name(),
+        }
+    }
 }
 
-/// A worker running on its own thread.
-pub struct WorkerHandle;
+impl WorkerArgs {
+    fn service_config(&self) -> ServiceConfig {
+        ServiceConfig {
+            timing: MockTiming {
+                first_frame: Duration::from_millis(self.mock_first_frame_ms),
+                frame_interval: Duration::from_millis(self.mock_frame_interval_ms),
+            },
+            max_sessions: self.max_sessions,
+        }
+    }
+}
+
+/// `worker-<hostname>`, or `worker` if the hostname cannot be read: unique per machine, which
+/// is what a registry key needs by default.
+pub fn default_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call; gethostname
+    // writes at most `len` bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(host) = std::str::from_utf8(&buf[..len]) {
+            if !host.is_empty() {
+                return format!("worker-{host}");
+            }
+        }
+    }
+    "worker".to_owned()
+}
+
+/// Binds the listen socket synchronously so errors (busy port, bad address) surface to the
+/// caller as `cannot listen on ADDR: <os error>`.
+fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("cannot listen on {addr}: set_nonblocking"))?;
+    Ok(listener)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("duplex-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the worker runtime")
+}
+
+/// Runs the worker until SIGINT or SIGTERM, then shuts down gracefully (GOAWAY, open calls
+/// get a short grace period) and returns `Ok(())`.
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let std_listener = bind(&args.listen)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = TcpListener::from_std(std_listener)
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let shutdown = shutdown_signal()?;
+        info!(name = %args.name, "worker listening on {addr}");
+        let service = Arc::new(TtsService::new(args.service_config()));
+        serve(listener, service, ServerConfig::default(), shutdown).await;
+        info!("worker stopped");
+        anyhow::Ok(())
+    })?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
+/// so a failure is reported before the worker starts serving.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
+}
+
+/// A worker running on its own thread (see [`spawn`]). Dropping it shuts the worker down.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl WorkerHandle {
-    /// Bound address.
+    /// The address the worker listens on (the real port when `--listen` used port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 0))
+        self.addr
     }
-    /// Stops the worker.
-    pub fn shutdown(self) {}
+
+    /// Stops the worker and waits for its thread (bounded by the server's shutdown grace).
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("worker thread panicked");
+            }
+        }
+    }
 }
 
-/// Starts the worker on its own thread.
-pub fn spawn(_args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
-    anyhow::bail!("worker: not built yet")
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Starts a worker on a new OS thread with its own runtime. The socket is bound before this
+/// returns, so `--listen 127.0.0.1:0` works (see [`WorkerHandle::local_addr`]) and bind
+/// errors are returned here.
+pub fn spawn(args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
+    let std_listener = bind(&args.listen)?;
+    let addr = std_listener.local_addr()?;
+    let rt = runtime()?;
+    let listener = {
+        let _enter = rt.enter();
+        TcpListener::from_std(std_listener)
+            .with_context(|| format!("cannot listen on {}", args.listen))?
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = Arc::new(TtsService::new(args.service_config()));
+    let name = args.name.clone();
+    let thread = std::thread::Builder::new()
+        .name("duplex-worker".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                info!(name = %name, "worker listening on {addr}");
+                serve(listener, service, ServerConfig::default(), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        })
+        .context("cannot start the worker thread")?;
+    Ok(WorkerHandle {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_port_is_a_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let err = spawn(WorkerArgs {
+            listen: addr.clone(),
+            ..WorkerArgs::default()
+        })
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with(&format!("cannot listen on {addr}: ")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn spawn_reports_the_real_port_and_shuts_down() {
+        let h = spawn(WorkerArgs {
+            listen: "127.0.0.1:0".into(),
+            ..WorkerArgs::default()
+        })
+        .unwrap();
+        let addr = h.local_addr();
+        assert_ne!(addr.port(), 0);
+        std::net::TcpStream::connect(addr).unwrap();
+        h.shutdown();
+        assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn default_name_is_not_empty() {
+        assert!(default_name().starts_with("worker"));
+    }
 }

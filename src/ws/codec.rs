@@ -73,8 +73,10 @@ impl Decoder {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         let ctx = WebSocketContext::new(Role::Server, Some(config));
-        let mut buffers = Buffers::default();
-        buffers.rx = already_read;
+        let buffers = Buffers {
+            rx: already_read,
+            ..Buffers::default()
+        };
         Self { ctx, buffers }
     }
 
@@ -84,7 +86,7 @@ impl Decoder {
     }
 
     /// Decodes the next message, if a complete one is buffered.
-    pub fn next(&mut self) -> Inbound {
+    pub fn next_message(&mut self) -> Inbound {
         use tungstenite::error::{CapacityError, Error};
         match self.ctx.read(&mut self.buffers) {
             Ok(Message::Close(_)) => Inbound::Closed,
@@ -137,34 +139,34 @@ mod tests {
         let mut d = Decoder::new(1 << 20, Vec::new());
         let f = client_frame(1, b"{\"type\":\"text\"}");
         d.feed(&f[..3]);
-        assert_eq!(d.next(), Inbound::NeedMore);
+        assert_eq!(d.next_message(), Inbound::NeedMore);
         d.feed(&f[3..]);
-        match d.next() {
+        match d.next_message() {
             Inbound::Message(Message::Text(t)) => assert_eq!(t.as_str(), "{\"type\":\"text\"}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(d.next(), Inbound::NeedMore);
+        assert_eq!(d.next_message(), Inbound::NeedMore);
     }
 
     #[test]
     fn oversized_message_is_1009() {
         let mut d = Decoder::new(100, Vec::new());
         d.feed(&client_frame(1, &[b'a'; 200]));
-        assert!(matches!(d.next(), Inbound::Violation(1009, _)));
+        assert!(matches!(d.next_message(), Inbound::Violation(1009, _)));
     }
 
     #[test]
     fn invalid_utf8_is_1007() {
         let mut d = Decoder::new(100, Vec::new());
         d.feed(&client_frame(1, &[0xff, 0xfe]));
-        assert!(matches!(d.next(), Inbound::Violation(1007, _)));
+        assert!(matches!(d.next_message(), Inbound::Violation(1007, _)));
     }
 
     #[test]
     fn ping_queues_a_pong() {
         let mut d = Decoder::new(100, Vec::new());
         d.feed(&client_frame(9, b"hi"));
-        assert!(matches!(d.next(), Inbound::Message(Message::Ping(_))));
+        assert!(matches!(d.next_message(), Inbound::Message(Message::Ping(_))));
         let reply = d.take_replies().unwrap();
         assert_eq!(reply[0], 0x8A);
     }
@@ -173,6 +175,6 @@ mod tests {
     fn unmasked_client_frame_is_a_violation() {
         let mut d = Decoder::new(100, Vec::new());
         d.feed(&[0x81, 0x02, b'h', b'i']);
-        assert!(matches!(d.next(), Inbound::Violation(1002, _)));
+        assert!(matches!(d.next_message(), Inbound::Violation(1002, _)));
     }
 }

@@ -37,6 +37,23 @@ pub fn put_header(buf: &mut BytesMut, opcode: Opcode, len: usize) {
     }
 }
 
+/// Writes a final unmasked frame header into `out` (at least 10 bytes); returns its length.
+pub fn write_header(out: &mut [u8], opcode: Opcode, len: usize) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
 /// A complete text frame carrying `payload` (already valid UTF-8 JSON).
 pub fn text(payload: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
@@ -81,6 +98,9 @@ mod tests {
             put_header(&mut b, Opcode::Binary, len);
             assert_eq!(b.len(), expect, "len {len}");
             assert_eq!(header_len(len), expect);
+            let mut arr = [0u8; 10];
+            let n = write_header(&mut arr, Opcode::Binary, len);
+            assert_eq!(&arr[..n], &b[..], "write_header == put_header for {len}");
         }
     }
 

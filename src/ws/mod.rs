@@ -6,6 +6,7 @@
 //! sends (JSON events, audio frames, close frames) is framed by [`frame`] directly into
 //! `Bytes` chunks, so a binary audio frame is `header + the PCM Bytes from h2`, never copied.
 
+pub mod chunk;
 pub mod codec;
 pub mod frame;
 pub mod handshake;

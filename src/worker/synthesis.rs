@@ -1,0 +1,230 @@
+//! One Synthesize call: text chunks in, 20 ms audio frames out, as they are produced.
+//!
+//! A single task multiplexes three event sources with `select!`: new text chunks (synthesis
+//! starts on each as it arrives, no waiting for `is_final`), control changes (PAUSE / RESUME /
+//! STOP of this call), and the frame clock. Because the server drops this future when the
+//! client resets the stream or the deadline passes, a cancelled call stops producing at once.
+//!
+//! Frame rules (PROTOCOL.md §2): `sequence_number` 1..N, `session_id` echoed, exactly one
+//! `is_final` frame, the last: it carries audio when we know it is the last frame (input
+//! closed and one frame left), otherwise it is an empty end marker. Never an empty non-final
+//! frame.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::metrics::WorkerMetrics;
+use super::mock::{frames_for_text, MockTiming, SineGenerator};
+use super::session::{ControlState, SessionRegistry};
+use crate::audio::{FRAME_MS, SAMPLE_RATE};
+use crate::grpc::{RequestStream, ResponseSender, Status};
+use crate::proto::{AudioFrame, TextChunk};
+
+/// What a synthesis needs from the worker.
+pub struct SynthesisContext<'a> {
+    /// Sessions (to validate the id and register for control).
+    pub sessions: &'a std::sync::Arc<SessionRegistry>,
+    /// Load counters.
+    pub metrics: &'a WorkerMetrics,
+    /// Mock model timing.
+    pub timing: MockTiming,
+}
+
+/// Runs a Synthesize call to completion.
+pub async fn run(
+    ctx: SynthesisContext<'_>,
+    mut requests: RequestStream,
+    mut responses: ResponseSender,
+) -> Result<(), Status> {
+    let first: TextChunk = requests.message().await?.ok_or_else(|| {
+        Status::invalid_argument("Synthesize: the stream ended before the first TextChunk")
+    })?;
+    if first.session_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "Synthesize: the first TextChunk must carry a session_id",
+        ));
+    }
+    let mut registration = ctx
+        .sessions
+        .begin_synthesis(&first.session_id)
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "Synthesize: unknown session {:?} (call StartSession first)",
+                first.session_id
+            ))
+        })?;
+    // Accepted: answer with headers now, so the client sees the call is live even while the
+    // model works on its first frame.
+    responses.send_headers()?;
+    let mut active = ctx.metrics.synthesis_started();
+    tracing::debug!(
+        session = %registration.session_id,
+        model = %registration.model_id,
+        "synthesis started"
+    );
+
+    let mut synth = Synthesis {
+        session_id: first.session_id.clone(),
+        generator: SineGenerator::new(),
+        sequence: 0,
+        pending: 0,
+        input_open: true,
+        next_due: Instant::now() + ctx.timing.first_frame,
+        produced_any: false,
+        busy_since: None,
+        metrics: ctx.metrics,
+    };
+    synth.add_chunk(&first);
+    let mut control = ControlState::default();
+    let interval = ctx.timing.frame_interval;
+
+    loop {
+        if control.stopped {
+            synth.idle();
+            responses.send(&synth.end_marker()).await?;
+            break;
+        }
+        if !synth.input_open && synth.pending == 0 {
+            synth.idle();
+            // The last frame went out before we knew it was last: close with a marker.
+            responses.send(&synth.end_marker()).await?;
+            break;
+        }
+        let producing = synth.pending > 0 && !control.paused;
+        if producing {
+            synth.busy();
+        } else {
+            synth.idle();
+        }
+        let due = synth.next_due;
+        tokio::select! {
+            biased;
+            changed = registration.control.changed() => {
+                if changed.is_err() {
+                    // Cannot happen (the registration holds a sender); treat as a stop
+                    // rather than spinning.
+                    control.stopped = true;
+                    continue;
+                }
+                let was_paused = control.paused;
+                control = *registration.control.borrow_and_update();
+                if was_paused && !control.paused {
+                    // Resume on a fresh schedule rather than bursting the paused time.
+                    synth.next_due = synth.next_due.max(Instant::now());
+                }
+            }
+            chunk = requests.message::<TextChunk>(), if synth.input_open => match chunk? {
+                Some(chunk) => synth.add_chunk(&chunk),
+                None => synth.input_open = false,
+            },
+            () = wait_until(due), if producing => {
+                let frame = synth.next_frame();
+                let last = frame.is_final;
+                responses.send(&frame).await?;
+                if last {
+                    synth.idle();
+                    break;
+                }
+                synth.next_due = due + interval;
+            }
+        }
+    }
+    active.completed();
+    tracing::debug!(
+        session = %registration.session_id,
+        frames = synth.sequence,
+        stopped = control.stopped,
+        "synthesis ended"
+    );
+    Ok(())
+}
+
+/// Resolves at `due` (immediately if it has passed: with `--mock-frame-interval-ms 0` frames
+/// go out back to back without touching the timer).
+async fn wait_until(due: Instant) {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+/// State of one call's frame production.
+struct Synthesis<'a> {
+    session_id: String,
+    generator: SineGenerator,
+    /// Sequence number of the last frame sent.
+    sequence: i64,
+    /// Frames still to produce for the text received so far.
+    pending: u64,
+    /// False once a chunk with `is_final` arrived or the client half-closed.
+    input_open: bool,
+    /// When the next frame is due.
+    next_due: Instant,
+    produced_any: bool,
+    /// Start of the current busy period (generating, not paused), for the RTF metric.
+    busy_since: Option<Instant>,
+    metrics: &'a WorkerMetrics,
+}
+
+impl Synthesis<'_> {
+    fn add_chunk(&mut self, chunk: &TextChunk) {
+        let frames = frames_for_text(&chunk.text);
+        if frames > 0 && self.pending == 0 && self.produced_any {
+            // Text after an idle gap starts now, not in the past.
+            self.next_due = self.next_due.max(Instant::now());
+        }
+        self.pending += frames;
+        if chunk.is_final {
+            self.input_open = false;
+        }
+    }
+
+    fn next_frame(&mut self) -> AudioFrame {
+        self.pending -= 1;
+        self.sequence += 1;
+        self.produced_any = true;
+        let now = Instant::now();
+        let busy = self.busy_since.map_or(Duration::ZERO, |t| now - t);
+        self.busy_since = Some(now);
+        self.metrics.frame_produced(busy);
+        AudioFrame {
+            session_id: self.session_id.clone(),
+            audio_data: self.generator.next_frame(),
+            sample_rate: SAMPLE_RATE as i32,
+            frame_duration_ms: FRAME_MS as i32,
+            sequence_number: self.sequence,
+            is_final: self.pending == 0 && !self.input_open,
+        }
+    }
+
+    fn end_marker(&mut self) -> AudioFrame {
+        self.sequence += 1;
+        AudioFrame {
+            session_id: self.session_id.clone(),
+            audio_data: Bytes::new(),
+            sample_rate: SAMPLE_RATE as i32,
+            frame_duration_ms: FRAME_MS as i32,
+            sequence_number: self.sequence,
+            is_final: true,
+        }
+    }
+
+    fn busy(&mut self) {
+        if self.busy_since.is_none() {
+            self.busy_since = Some(Instant::now());
+        }
+    }
+
+    fn idle(&mut self) {
+        if let Some(t) = self.busy_since.take() {
+            self.metrics.add_busy(t.elapsed());
+        }
+    }
+}
+
+impl Drop for Synthesis<'_> {
+    fn drop(&mut self) {
+        self.idle();
+    }
+}
