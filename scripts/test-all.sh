@@ -7,7 +7,8 @@
 # the benchmark), and `cargo test --release` reuses those compiled dependencies, while a debug
 # `cargo test` would compile every dependency a second time. On 2 cores that second build
 # costs more than release codegen of the few test crates, and the end-to-end tests then drive
-# an optimised binary, so pacing is less disturbed by a busy machine.
+# an optimised binary, so pacing is less disturbed by a busy machine. `--no-fail-fast` runs
+# every test binary even after one fails, so one run reports every failure.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -48,8 +49,8 @@ cargo clippy --all-targets -- -D warnings
 step "cargo build --release"
 cargo build --release
 
-step "cargo test --release"
-cargo test --release
+step "cargo test --release --no-fail-fast"
+cargo test --release --no-fail-fast
 
 step "benchmark smoke test"
 bin=target/release/duplex

@@ -642,6 +642,24 @@ impl Client {
         }
     }
 
+    /// After the WebSocket close handshake: waits (bounded) until the server closes the TCP
+    /// connection, so the server is the side that closes first.
+    pub async fn wait_tcp_eof(&mut self, timeout: Duration) {
+        let MaybeTlsStream::Plain(tcp) = self.ws.get_mut() else {
+            panic!("only plain TCP is used in tests");
+        };
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(timeout, async {
+            while let Ok(n) = tcp.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("server did not close the TCP connection within {timeout:?}"));
+    }
+
     /// Sends a close frame and waits (bounded) for the server's side of the close handshake.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(WAIT, self.ws.close(None)).await;
