@@ -3,12 +3,91 @@
 //! of the Python system (`synthesis_total`, `synthesis_errors_total`, `sessions_active`,
 //! `barge_in_latency_seconds`) are kept so existing dashboards keep working.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+/// Upper bounds (seconds) of the frame-lateness histogram: 10 µs .. ~20 ms.
+const LATENESS_BOUNDS: [f64; 12] = [
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    f64::MAX,
+];
+
+/// How late each paced frame left relative to its absolute 20 ms slot (the server's own
+/// contribution to jitter). Observed for every frame, so each core writes its own atomics
+/// (no lock, no sharing of cache lines between cores); the scrape sums them.
+#[derive(Debug, Default)]
+pub struct FrameLateness {
+    cores: Vec<CoreLateness>,
+}
+
+#[derive(Debug, Default)]
+struct CoreLateness {
+    counts: [AtomicU64; LATENESS_BOUNDS.len()],
+    sum_ns: AtomicU64,
+}
+
+impl FrameLateness {
+    fn new(cores: usize) -> Self {
+        Self {
+            cores: (0..cores.max(1)).map(|_| CoreLateness::default()).collect(),
+        }
+    }
+
+    /// Records one frame on `core`.
+    pub fn observe(&self, core: usize, late: std::time::Duration) {
+        let Some(c) = self.cores.get(core) else {
+            return;
+        };
+        let secs = late.as_secs_f64();
+        let i = LATENESS_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENESS_BOUNDS.len() - 1);
+        c.counts[i].fetch_add(1, Ordering::Relaxed);
+        c.sum_ns.fetch_add(
+            late.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl EncodeMetric for FrameLateness {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets: Vec<(f64, u64)> = LATENESS_BOUNDS.iter().map(|b| (*b, 0)).collect();
+        let mut sum_ns = 0u64;
+        for c in &self.cores {
+            for (b, n) in buckets.iter_mut().zip(&c.counts) {
+                b.1 += n.load(Ordering::Relaxed);
+            }
+            sum_ns = sum_ns.saturating_add(c.sum_ns.load(Ordering::Relaxed));
+        }
+        let count = buckets.iter().map(|b| b.1).sum();
+        encoder.encode_histogram::<NoLabelSet>(sum_ns as f64 / 1e9, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 
 /// Label set of per-core series.
 pub type CoreLabels = Vec<(String, String)>;
@@ -27,6 +106,7 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub first_audio_latency: Histogram,
     pub barge_in_latency: Histogram,
+    pub frame_lateness: Arc<FrameLateness>,
 }
 
 /// Buckets from 50 µs to ~3 s: the gateway's own latency is sub-millisecond, a slow model's
@@ -37,6 +117,13 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(1)
+    }
+}
+
+impl Metrics {
+    /// Metrics for an orchestrator with `cores` cores.
+    pub fn new(cores: usize) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             sessions_active: Gauge::default(),
@@ -50,6 +137,7 @@ impl Default for Metrics {
             rejected_connections: Counter::default(),
             first_audio_latency: Histogram::new(latency_buckets()),
             barge_in_latency: Histogram::new(latency_buckets()),
+            frame_lateness: Arc::new(FrameLateness::new(cores)),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,11 +191,14 @@ impl Default for Metrics {
             "PAUSE/STOP read to playback halted",
             m.barge_in_latency.clone(),
         );
+        registry.register(
+            "frame_lateness_seconds",
+            "Paced frame sent minus its absolute 20 ms slot",
+            ArcMetric(m.frame_lateness.clone()),
+        );
         Metrics { registry, ..m }
     }
-}
 
-impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -124,6 +215,19 @@ impl Metrics {
     }
 }
 
+/// Registers an `Arc`-shared custom metric.
+#[derive(Debug)]
+struct ArcMetric<T>(Arc<T>);
+
+impl<T: EncodeMetric> EncodeMetric for ArcMetric<T> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +238,8 @@ mod tests {
         m.synthesis.inc();
         m.core_sessions(1).inc();
         m.first_audio_latency.observe(0.001);
+        m.frame_lateness
+            .observe(0, std::time::Duration::from_micros(30));
         let text = m.render();
         for name in [
             "synthesis_total 1",
@@ -143,6 +249,8 @@ mod tests {
             "first_audio_latency_seconds_count 1",
             "frames_sent_total",
             "core_sessions_active{core=\"1\"} 1",
+            "frame_lateness_seconds_bucket{le=\"0.00005\"} 1",
+            "frame_lateness_seconds_count 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

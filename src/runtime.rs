@@ -63,7 +63,7 @@ impl Shared {
                     })
                 })
                 .collect(),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(config.cores),
             connections: AtomicUsize::new(0),
             shutdown: rx,
             config,

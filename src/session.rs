@@ -499,6 +499,9 @@ impl Session {
             }
         }
         self.on_worker_done(generation);
+        // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:
+        // a worker that never sends them must not keep this task alive).
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
     }
 
@@ -626,7 +629,15 @@ impl Session {
                         }
                         break;
                     }
-                    Some(_) => {}
+                    Some(due) => {
+                        if u.sent > 0 {
+                            self.core
+                                .shared
+                                .metrics
+                                .frame_lateness
+                                .observe(self.core.index, now.saturating_duration_since(due));
+                        }
+                    }
                 }
             }
             let Some(pcm) = u.frames.pop_front() else {

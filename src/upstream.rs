@@ -11,17 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::grpc::{Client, ClientOptions, RequestSink, ResponseStream, Status};
+use crate::grpc::tts::TtsClient;
+use crate::grpc::{ClientOptions, RequestSink, ResponseStream, Status};
 use crate::proto;
-
-/// gRPC method paths of `tts.TTSService`.
-pub mod path {
-    pub const START_SESSION: &str = "/tts.TTSService/StartSession";
-    pub const END_SESSION: &str = "/tts.TTSService/EndSession";
-    pub const SYNTHESIZE: &str = "/tts.TTSService/Synthesize";
-    pub const CONTROL: &str = "/tts.TTSService/Control";
-    pub const GET_CAPABILITIES: &str = "/tts.TTSService/GetCapabilities";
-}
 
 /// How long a worker that just failed is skipped when choosing one for a new utterance.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
@@ -38,7 +30,7 @@ pub struct WorkerHealth {
 /// One worker as seen from one core.
 struct Target {
     addr: String,
-    client: RefCell<Option<Client>>,
+    client: RefCell<Option<TtsClient>>,
     failed_at: Cell<Option<Instant>>,
     health: Arc<WorkerHealth>,
 }
@@ -104,7 +96,7 @@ impl Upstream {
     }
 
     /// The live connection to worker `i`, connecting if there is none.
-    pub async fn client(&self, i: usize) -> Result<Client, Status> {
+    pub async fn client(&self, i: usize) -> Result<TtsClient, Status> {
         let target = self
             .targets
             .get(i)
@@ -114,7 +106,7 @@ impl Upstream {
                 return Ok(c.clone());
             }
         }
-        match Client::connect(&target.addr, &self.options).await {
+        match TtsClient::connect(&target.addr, &self.options).await {
             Ok(c) => {
                 *target.client.borrow_mut() = Some(c.clone());
                 target.failed_at.set(None);
@@ -150,15 +142,13 @@ impl Upstream {
 }
 
 /// Registers the session on the worker (required before Synthesize).
-pub async fn start_session(client: &Client, session_id: &str, model: &str) -> Result<(), Status> {
+pub async fn start_session(client: &TtsClient, session_id: &str, model: &str) -> Result<(), Status> {
     let req = proto::StartSessionRequest {
         session_id: session_id.to_string(),
         model_id: model.to_string(),
         options: Default::default(),
     };
-    let resp: proto::StartSessionResponse = client
-        .unary(path::START_SESSION, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    let resp = client.start_session(&req, Some(UNARY_TIMEOUT)).await?;
     if resp.success {
         Ok(())
     } else {
@@ -171,7 +161,7 @@ pub async fn start_session(client: &Client, session_id: &str, model: &str) -> Re
 
 /// Opens the bidirectional synthesis stream.
 pub async fn synthesize(
-    client: &Client,
+    client: &TtsClient,
 ) -> Result<
     (
         RequestSink<proto::TextChunk>,
@@ -179,12 +169,12 @@ pub async fn synthesize(
     ),
     Status,
 > {
-    client.streaming(path::SYNTHESIZE, None).await
+    client.synthesize(None).await
 }
 
 /// Sends a playback command for the session's current synthesis.
 pub async fn control(
-    client: &Client,
+    client: &TtsClient,
     session_id: &str,
     command: proto::ControlCommand,
 ) -> Result<(), Status> {
@@ -192,31 +182,21 @@ pub async fn control(
         session_id: session_id.to_string(),
         command: command as i32,
     };
-    let _: proto::ControlResponse = client
-        .unary(path::CONTROL, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    client.control(&req, Some(UNARY_TIMEOUT)).await?;
     Ok(())
 }
 
 /// Releases the session on the worker.
-pub async fn end_session(client: &Client, session_id: &str) -> Result<(), Status> {
+pub async fn end_session(client: &TtsClient, session_id: &str) -> Result<(), Status> {
     let req = proto::EndSessionRequest {
         session_id: session_id.to_string(),
     };
-    let _: proto::EndSessionResponse = client
-        .unary(path::END_SESSION, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    client.end_session(&req, Some(UNARY_TIMEOUT)).await?;
     Ok(())
 }
 
 /// Liveness probe (GetCapabilities answers at once on a healthy worker).
-pub async fn probe(client: &Client) -> Result<(), Status> {
-    let _: proto::GetCapabilitiesResponse = client
-        .unary(
-            path::GET_CAPABILITIES,
-            &proto::GetCapabilitiesRequest {},
-            Some(Duration::from_secs(1)),
-        )
-        .await?;
+pub async fn probe(client: &TtsClient) -> Result<(), Status> {
+    client.get_capabilities(Some(Duration::from_secs(1))).await?;
     Ok(())
 }

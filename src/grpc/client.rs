@@ -128,6 +128,9 @@ impl Client {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .enable_push(false)
+                // Every barge-in resets a stream; remember enough of them to ignore the
+                // frames still in flight for each (h2's default is 50).
+                .max_concurrent_reset_streams(1024)
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))
@@ -427,19 +430,37 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
         if let RecvState::Done(outcome) = &self.state {
             return outcome.clone().map(|()| None);
         }
-        let deadline = self.deadline;
-        let mut dead = self.dead.clone();
-        let path = self.path.clone();
+        enum Wake {
+            Deadline,
+            Read(Result<Option<Bytes>, Status>),
+            Dead,
+        }
+        // Split borrows: the read, the deadline and the liveness watch run side by side
+        // without cloning anything per message (this is the per-frame hot path).
+        let ResponseStream {
+            state,
+            decoder,
+            deadline,
+            dead,
+            ..
+        } = self;
         // Deadline first: once it has passed the call has failed, even if a message (or the
         // server's own verdict on the expired call) is already waiting.
-        let result = tokio::select! {
+        let wake = tokio::select! {
             biased;
-            _ = sleep_until(deadline) => Err(Status::deadline_exceeded(format!(
-                "{path}: deadline exceeded"
+            _ = sleep_until(*deadline) => Wake::Deadline,
+            r = read_payload(state, decoder) => Wake::Read(r),
+            _ = dead.wait_for(|d| *d) => Wake::Dead,
+        };
+        let result = match wake {
+            Wake::Read(r) => r,
+            Wake::Deadline => Err(Status::deadline_exceeded(format!(
+                "{}: deadline exceeded",
+                self.path
             ))),
-            r = self.read_payload() => r,
-            _ = dead.wait_for(|d| *d) => Err(Status::unavailable(format!(
-                "{path}: connection lost"
+            Wake::Dead => Err(Status::unavailable(format!(
+                "{}: connection lost",
+                self.path
             ))),
         };
         match result {
@@ -451,52 +472,6 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
             Err(status) => {
                 self.fail(status.clone());
                 Err(status)
-            }
-        }
-    }
-
-    /// Reads until a whole message is decoded or the stream ends. Cancel-safe: every await
-    /// is on h2 and state only changes after it returns.
-    async fn read_payload(&mut self) -> Result<Option<Bytes>, Status> {
-        loop {
-            if let Some(payload) = self.decoder.next_message()? {
-                return Ok(Some(payload));
-            }
-            match &mut self.state {
-                RecvState::Headers(fut) => {
-                    let response = fut.await.map_err(|e| Status::from_h2(&e))?;
-                    let (parts, body) = response.into_parts();
-                    check_response_headers(&parts)?;
-                    if body.is_end_stream() {
-                        // Trailers-only response: the status is in the headers.
-                        let status = Status::from_header_map(&parts.headers).ok_or_else(|| {
-                            Status::internal("response ended without grpc-status")
-                        })?;
-                        return status_to_end(status);
-                    }
-                    self.state = RecvState::Body(body);
-                }
-                RecvState::Body(body) => match body.data().await {
-                    Some(Ok(chunk)) => {
-                        // Release the window now: the decoder holds at most this chunk, and
-                        // the caller consumes it before we pull the next one.
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                        self.decoder.push(chunk);
-                    }
-                    Some(Err(e)) => return Err(Status::from_h2(&e)),
-                    None => {
-                        let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
-                        self.decoder.finish()?;
-                        let status = trailers
-                            .as_ref()
-                            .and_then(Status::from_header_map)
-                            .ok_or_else(|| {
-                                Status::internal("response ended without grpc-status trailer")
-                            })?;
-                        return status_to_end(status);
-                    }
-                },
-                RecvState::Done(outcome) => return outcome.clone().map(|()| None),
             }
         }
     }
@@ -524,6 +499,54 @@ impl<Resp> Drop for ResponseStream<Resp> {
                 call.cancelled = true;
                 call.stream.send_reset(h2::Reason::CANCEL);
             }
+        }
+    }
+}
+
+/// Reads until a whole message is decoded or the stream ends. Cancel-safe: every await is
+/// on h2 and state only changes after it returns.
+async fn read_payload(
+    state: &mut RecvState,
+    decoder: &mut Decoder,
+) -> Result<Option<Bytes>, Status> {
+    loop {
+        if let Some(payload) = decoder.next_message()? {
+            return Ok(Some(payload));
+        }
+        match state {
+            RecvState::Headers(fut) => {
+                let response = fut.await.map_err(|e| Status::from_h2(&e))?;
+                let (parts, body) = response.into_parts();
+                check_response_headers(&parts)?;
+                if body.is_end_stream() {
+                    // Trailers-only response: the status is in the headers.
+                    let status = Status::from_header_map(&parts.headers)
+                        .ok_or_else(|| Status::internal("response ended without grpc-status"))?;
+                    return status_to_end(status);
+                }
+                *state = RecvState::Body(body);
+            }
+            RecvState::Body(body) => match body.data().await {
+                Some(Ok(chunk)) => {
+                    // Release the window now: the decoder holds at most this chunk, and the
+                    // caller consumes it before we pull the next one.
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    decoder.push(chunk);
+                }
+                Some(Err(e)) => return Err(Status::from_h2(&e)),
+                None => {
+                    let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
+                    decoder.finish()?;
+                    let status = trailers
+                        .as_ref()
+                        .and_then(Status::from_header_map)
+                        .ok_or_else(|| {
+                            Status::internal("response ended without grpc-status trailer")
+                        })?;
+                    return status_to_end(status);
+                }
+            },
+            RecvState::Done(outcome) => return outcome.clone().map(|()| None),
         }
     }
 }
@@ -621,6 +644,75 @@ mod tests {
         assert_eq!(o.connect_timeout, Duration::from_secs(1));
         assert_eq!(o.keepalive_interval, Duration::from_secs(5));
         assert_eq!(o.keepalive_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn call_futures_are_send() {
+        // The orchestrator may drive calls from a multi-thread runtime: every future and
+        // handle of a call must be Send.
+        fn assert_send<T: Send>(_: &T) {}
+        use crate::proto::{AudioFrame, TextChunk};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let opts = ClientOptions::default();
+        let connect = Client::connect("127.0.0.1:1", &opts);
+        assert_send(&connect);
+        fn with_client(c: &Client) {
+            assert_send(&c.unary::<TextChunk, AudioFrame>("/x/y", &TextChunk::default(), None));
+            assert_send(&c.streaming::<TextChunk, AudioFrame>("/x/y", None));
+        }
+        fn with_call(tx: RequestSink<TextChunk>, mut rx: ResponseStream<AudioFrame>) {
+            assert_send(&tx);
+            assert_send(&rx.message());
+            assert_send(&rx);
+        }
+        let _ = (with_client as fn(&Client), with_call as fn(_, _));
+    }
+
+    /// A bare h2 server answering every request with `status` and `content_type`.
+    async fn raw_h2_server(status: u16, content_type: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(())
+                    .unwrap();
+                let mut body = respond.send_response(response, false).unwrap();
+                body.send_data(Bytes::from_static(b"<html>nope</html>"), true)
+                    .unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn non_grpc_answers_map_to_grpc_codes() {
+        use crate::proto::TextChunk;
+        for (http_status, ct, code) in [
+            (503, "text/html", Code::Unavailable),
+            (404, "text/html", Code::Unimplemented),
+            (401, "text/plain", Code::Unauthenticated),
+            (500, "text/html", Code::Unknown),
+            (200, "text/html", Code::Unknown),
+        ] {
+            let addr = raw_h2_server(http_status, ct).await;
+            let client = Client::connect(&addr, &ClientOptions::default())
+                .await
+                .unwrap();
+            let err = client
+                .unary::<_, TextChunk>("/a/b", &TextChunk::default(), Some(Duration::from_secs(10)))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, code, "HTTP {http_status}: {err}");
+        }
     }
 
     #[tokio::test]

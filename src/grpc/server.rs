@@ -162,6 +162,9 @@ async fn serve_connection<S: Service>(
     let handshake = h2::server::Builder::new()
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
+        // Barge-in cancels streams all the time; h2's rapid-reset guard (20 streams reset
+        // before we accepted them) would GOAWAY a busy orchestrator connection.
+        .max_pending_accept_reset_streams(1024)
         .handshake::<_, Bytes>(socket);
     // A peer that connects and says nothing must not hold a task forever.
     let mut conn = tokio::select! {

@@ -166,7 +166,10 @@ mod tests {
     fn ping_queues_a_pong() {
         let mut d = Decoder::new(100, Vec::new());
         d.feed(&client_frame(9, b"hi"));
-        assert!(matches!(d.next_message(), Inbound::Message(Message::Ping(_))));
+        assert!(matches!(
+            d.next_message(),
+            Inbound::Message(Message::Ping(_))
+        ));
         let reply = d.take_replies().unwrap();
         assert_eq!(reply[0], 0x8A);
     }
