@@ -238,3 +238,22 @@ async fn stop_in_one_session_leaves_another_untouched() {
     assert!(a_frames < MOCK_FRAMES, "A was stopped");
     b_utt.assert_complete(MOCK_FRAMES);
 }
+
+#[tokio::test]
+async fn stop_while_paused_ends_the_utterance_and_unpauses() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.say("Pause, then stop.").await;
+    c.read_frames(3, WAIT).await;
+    c.control("PAUSE").await;
+    c.control("STOP").await;
+    let rest = c.collect_utterance(WAIT).await;
+    assert!(
+        rest.others.iter().any(|v| v["type"] == "interrupted"),
+        "STOP while paused still reports the interruption: {:?}",
+        rest.others
+    );
+    // Not stuck paused: the next text plays in full.
+    c.say("Playing again.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+}

@@ -252,3 +252,34 @@ async fn connections_beyond_the_cap_get_http_503() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_client_vanishing_mid_utterance_is_cleaned_up() {
+    let stack = Stack::default().await;
+    let addr = stack.server.addr;
+    let mut c = stack.server.client("").await;
+    c.say("Nobody will hear the end of this.").await;
+    c.read_frames(3, WAIT).await;
+    drop(c); // TCP gone without a WebSocket close.
+
+    // The server notices: the session is gone from the gauge (bounded wait) ...
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = http_get(addr, "/metrics").await;
+        if metric_sum(&m.body, |n| n == "sessions_active") == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions_active never returned to 0 after the client vanished:\n{}",
+            m.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and everyone else carries on.
+    let mut next = stack.server.client("").await;
+    next.say("Next caller.").await;
+    next.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+}

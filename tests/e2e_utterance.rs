@@ -135,3 +135,17 @@ async fn binary_and_json_formats_carry_the_same_audio() {
         "the deterministic mock must produce identical PCM in both formats"
     );
 }
+
+#[tokio::test]
+async fn texts_sent_together_play_in_order_each_numbered_from_1() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    // The second text arrives while the first is still playing: it waits its turn.
+    c.say("First.").await;
+    c.say("Second.").await;
+    c.say("Third.").await;
+    for _ in 0..3 {
+        c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    }
+    c.assert_silent(Duration::from_millis(300)).await;
+}

@@ -156,3 +156,14 @@ async fn attempt(c: &mut Client) -> Result<Utterance, String> {
         }
     }
 }
+
+#[tokio::test]
+async fn worker_address_may_be_a_host_name() {
+    // docker-compose.yml points the orchestrator at `grpc://worker:7001`: names must resolve.
+    let worker = Worker::start(&[]).await;
+    let url = format!("grpc://localhost:{}", worker.addr.port());
+    let server = Server::serve(&url, &[]).await;
+    let mut c = server.client("pacing=asap").await;
+    c.say("Found by name.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+}
