@@ -153,13 +153,16 @@ impl Orchestrator {
     }
 }
 
-/// One `SO_REUSEPORT` listener per core. A plain bind first detects a port that another
-/// program already holds (with `SO_REUSEPORT` alone, two duplex processes would silently
-/// share a port).
+/// One `SO_REUSEPORT` listener per core. A bind without `SO_REUSEPORT` first detects a port
+/// that another program already listens on (with `SO_REUSEPORT` alone, two duplex processes
+/// would silently share a port).
 fn bind(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<StdListener>> {
     use socket2::{Domain, Socket, Type};
     let fail = |e: std::io::Error| anyhow::anyhow!("cannot listen on {addr}: {e}");
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+    // SO_REUSEADDR (not REUSEPORT): TIME_WAIT leftovers of a previous run are fine, a live
+    // listener is not.
+    probe.set_reuse_address(true).map_err(fail)?;
     probe.bind(&addr.into()).map_err(fail)?;
     drop(probe);
     let mut out = Vec::with_capacity(cores);
