@@ -88,7 +88,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// `statics`: `--worker` addresses; `discovery`: the process's registry reader, if any.
-    pub fn new(statics: &[String], discovery: Option<Arc<Discovery>>, book: Arc<HealthBook>) -> Self {
+    pub fn new(
+        statics: &[String],
+        discovery: Option<Arc<Discovery>>,
+        book: Arc<HealthBook>,
+    ) -> Self {
         let up = Self {
             targets: RefCell::new(Vec::new()),
             discovery,
@@ -183,11 +187,16 @@ impl Upstream {
         self.sync();
         let targets = self.targets.borrow();
         let now = Instant::now();
-        let listed: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].listed.get()).collect();
+        let listed: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].listed.get())
+            .collect();
         if listed.is_empty() {
             return None;
         }
-        let records: Vec<_> = listed.iter().map(|&i| targets[i].record.borrow().clone()).collect();
+        let records: Vec<_> = listed
+            .iter()
+            .map(|&i| targets[i].record.borrow().clone())
+            .collect();
         let candidates: Vec<Candidate<'_>> = listed
             .iter()
             .zip(&records)
@@ -272,7 +281,11 @@ impl Upstream {
 }
 
 /// Registers the session on the worker (required before Synthesize).
-pub async fn start_session(client: &TtsClient, session_id: &str, model: &str) -> Result<(), Status> {
+pub async fn start_session(
+    client: &TtsClient,
+    session_id: &str,
+    model: &str,
+) -> Result<(), Status> {
     let req = proto::StartSessionRequest {
         session_id: session_id.to_string(),
         model_id: model.to_string(),
@@ -327,6 +340,8 @@ pub async fn end_session(client: &TtsClient, session_id: &str) -> Result<(), Sta
 
 /// Liveness probe (GetCapabilities answers at once on a healthy worker).
 pub async fn probe(client: &TtsClient) -> Result<(), Status> {
-    client.get_capabilities(Some(Duration::from_secs(1))).await?;
+    client
+        .get_capabilities(Some(Duration::from_secs(1)))
+        .await?;
     Ok(())
 }

@@ -8,6 +8,8 @@
 // Each `tests/e2e_*.rs` binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::fs::File;
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener};
