@@ -443,7 +443,7 @@ impl Session {
             let worker = match st.worker {
                 Some(w) => w,
                 None => {
-                    let w = upstream.pick().ok_or((
+                    let w = upstream.pick(&self.opts.model).ok_or((
                         ErrorCode::WorkerUnavailable,
                         "no TTS worker is configured".to_string(),
                     ))?;
@@ -508,7 +508,9 @@ impl Session {
     /// After a worker failure the next utterance chooses again and re-registers the session.
     fn forget_worker(&self) {
         let mut st = self.state.borrow_mut();
-        st.worker = None;
+        if let Some(w) = st.worker.take() {
+            self.core.upstream.release(w);
+        }
         st.worker_session = false;
         st.control = None;
     }
@@ -644,7 +646,13 @@ impl Session {
                 break;
             };
             u.sent += 1;
-            let chunks = protocol::audio(self.opts.format, u.sent, Some(&pcm), false);
+            let chunks = protocol::audio(
+                self.opts.format,
+                u.sent,
+                Some(&pcm),
+                false,
+                &mut self.core.json_arena.borrow_mut(),
+            );
             self.send_chunks(chunks);
             self.core.shared.metrics.frames_sent.inc();
             if u.sent == 1 {
@@ -681,7 +689,13 @@ impl Session {
     }
 
     fn send_end_marker(&self, sequence: u32) {
-        self.send_chunks(protocol::audio(self.opts.format, sequence, None, true));
+        self.send_chunks(protocol::audio(
+            self.opts.format,
+            sequence,
+            None,
+            true,
+            &mut self.core.json_arena.borrow_mut(),
+        ));
     }
 
     fn start_next(self: &Rc<Self>) {
@@ -706,6 +720,9 @@ impl Session {
             t.abort();
         }
         st.control = None;
+        if let Some(w) = st.worker {
+            self.core.upstream.release(w);
+        }
         let worker = st.worker.filter(|_| st.worker_session);
         drop(st);
         if let Some(worker) = worker {

@@ -6,101 +6,19 @@
 //! discovery API (`wait_for_version`) is called from a plain thread as the orchestrator would at
 //! startup. Every wait is bounded.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::free_port;
+use common::redis::RedisServer;
 use duplex::registry::record::now_epoch_secs;
 use duplex::registry::{
     spawn_registration, start_discovery_with, Capabilities, Discovery, DiscoveryConfig, Metrics,
     RegistrationConfig, Snapshot, WorkerRecord,
 };
-
-/// A `redis-server` child process on a loopback port; killed (SIGKILL) on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        Self::start_on(free_port(), &[])
-    }
-
-    fn start_on(port: u16, extra: &[&str]) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        let server = RedisServer {
-            port,
-            child: Some(child),
-        };
-        wait_until("redis-server answers PING", Duration::from_secs(10), || {
-            (server.cli(&["PING"]).as_deref() == Some("PONG")).then_some(())
-        });
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Runs `redis-cli` against this server; `None` if it could not connect.
-    fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
-    }
-
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection_with_timeout(Duration::from_secs(2))
-            .unwrap()
-    }
-
-    fn get(&self, key: &str) -> Option<String> {
-        redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap()
-    }
-
-    fn ttl(&self, key: &str) -> i64 {
-        redis::cmd("TTL").arg(key).query(&mut self.conn()).unwrap()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Polls `f` every 20 ms until it yields a value; panics naming `what` after `timeout`.
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
