@@ -18,6 +18,7 @@ pub mod floor;
 pub mod procfs;
 pub mod report;
 mod scenarios;
+pub mod server_metrics;
 pub mod stack;
 pub mod stats;
 pub mod sut;

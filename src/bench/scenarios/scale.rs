@@ -16,9 +16,13 @@ use super::{open, waits, Ctx, ZERO_INTERVAL_MS};
 use crate::bench::client::{Conn, WsUrl};
 use crate::bench::procfs::{cpu_percent, SelfCpu};
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
+use crate::bench::server_metrics::{self, Bound, Scrape};
 use crate::bench::stats::Hist;
 use crate::bench::utterance::{self, Agg, End, Waits, FRAMES_PER_CHUNK};
 use crate::bench::WireFormat;
+
+/// Longest wait for the orchestrator's `/metrics`.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Handshakes in flight at once while connecting a step's sessions.
 const CONNECT_PARALLEL: usize = 128;
@@ -94,6 +98,8 @@ struct Step {
     gen_cpu: f64,
     rss_idle: Option<u64>,
     rss_stream: Option<u64>,
+    /// The orchestrator's own `/metrics` at the window's start and end, if it serves them.
+    server: Option<(Scrape, Scrape)>,
 }
 
 impl Step {
@@ -189,8 +195,15 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
         .collect();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;
     let (o0, w0, g0) = (ctx.sut.sample(), ctx.sut.sample_worker(), SelfCpu::start());
+    let m0 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
+        .await
+        .ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.1)).await;
     let (o1, w1) = (ctx.sut.sample(), ctx.sut.sample_worker());
+    let m1 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
+        .await
+        .ok();
+    s.server = m0.zip(m1);
     s.gen_cpu = g0.percent();
     s.window_s = win.1.saturating_duration_since(win.0).as_secs_f64();
     if let (Some(a), Some(b)) = (o0, o1) {
@@ -308,7 +321,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     if steps.iter().any(|&n| n >= 2000) {
         r.row(Row::new(
             "most realtime sessions with jitter p99 < 2 ms, no errors",
-            best_ok.map(f64::from),
+            Some(f64::from(best_ok.unwrap_or(0))),
             Unit::Count,
             None,
             Target::ge(2000.0),
@@ -369,6 +382,23 @@ fn rows(r: &mut ScenarioReport, s: &Step, rss_base: Option<u64>) {
         None,
         None,
     ));
+    if let Some((a, b)) = &s.server {
+        for (label, name, q) in [
+            ("server-side FAL p99", "first_audio_latency_seconds", 0.99),
+            (
+                "server-side frame lateness p50",
+                "frame_lateness_seconds",
+                0.5,
+            ),
+            (
+                "server-side frame lateness p99",
+                "frame_lateness_seconds",
+                0.99,
+            ),
+        ] {
+            r.row(bound_row(p(label), b.delta_quantile(a, name, q)));
+        }
+    }
     r.row(Row::new(
         p("errors"),
         Some(s.errors() as f64),
@@ -406,6 +436,40 @@ fn rows(r: &mut ScenarioReport, s: &Step, rss_base: Option<u64>) {
     ));
 }
 
+/// A row for a bucket-resolution percentile of the server's own histograms.
+fn bound_row(metric: String, b: Option<Bound>) -> Row {
+    match b {
+        Some(Bound::AtMost(x)) => Row {
+            text: Some("bucket bound".into()),
+            ..Row::new(metric, Some(x * 1e3), Unit::Ms, None, None)
+        },
+        Some(Bound::Above(x)) => Row::text(metric, format!("> {} ms", x * 1e3)),
+        None => Row::text(metric, "n/a"),
+    }
+}
+
+fn bound_json(b: Option<Bound>) -> serde_json::Value {
+    match b {
+        Some(Bound::AtMost(x)) => serde_json::json!({ "le_ms": x * 1e3 }),
+        Some(Bound::Above(x)) => serde_json::json!({ "above_ms": x * 1e3 }),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn server_json(s: &Step) -> serde_json::Value {
+    let Some((a, b)) = &s.server else {
+        return serde_json::Value::Null;
+    };
+    serde_json::json!({
+        "fal_p50": bound_json(b.delta_quantile(a, "first_audio_latency_seconds", 0.5)),
+        "fal_p99": bound_json(b.delta_quantile(a, "first_audio_latency_seconds", 0.99)),
+        "frame_lateness_p50": bound_json(b.delta_quantile(a, "frame_lateness_seconds", 0.5)),
+        "frame_lateness_p99": bound_json(b.delta_quantile(a, "frame_lateness_seconds", 0.99)),
+        "frames_sent": b.delta_value(a, "frames_sent_total"),
+        "frame_underruns": b.delta_value(a, "frame_underruns_total"),
+    })
+}
+
 fn step_json(s: &Step, rss_base: Option<u64>) -> serde_json::Value {
     let secs = s.window_s.max(1e-9);
     serde_json::json!({
@@ -436,6 +500,7 @@ fn step_json(s: &Step, rss_base: Option<u64>) -> serde_json::Value {
         "orchestrator_rss_kib_streaming": s.rss_stream,
         "rss_kib_per_idle_session": per_session(s.rss_idle, rss_base, s.n),
         "rss_kib_per_streaming_session": per_session(s.rss_stream, rss_base, s.n),
+        "server_metrics": server_json(s),
     })
 }
 
