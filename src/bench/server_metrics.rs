@@ -41,7 +41,8 @@ pub async fn scrape(authority: &str, timeout: Duration) -> Result<Scrape> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("GET /metrics: no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    let status = head.split_whitespace().nth(1);
+    if !head.starts_with("HTTP/1.") || status != Some("200") {
         bail!(
             "GET /metrics: {}",
             head.lines().next().unwrap_or("no status line")
