@@ -379,3 +379,34 @@ fn worker_handles_sigterm_as_soon_as_it_says_it_listens() {
 fn demo_handles_sigterm_as_soon_as_it_says_it_listens() {
     sigterm_right_after_listening("demo", &[]);
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    // The flag is global: accepted before and after the subcommand.
+    for before in [true, false] {
+        let addr = free_addr();
+        let addr_s = addr.to_string();
+        let mut args: Vec<String> = vec!["worker".into(), "--listen".into(), addr_s.clone()];
+        if before {
+            args.splice(0..0, ["--log-format".to_string(), "json".to_string()]);
+        } else {
+            args.extend(["--log-format".to_string(), "json".to_string()]);
+        }
+        let mut w = Proc::spawn("worker-json-logs", &args);
+        w.wait_accepting(addr, WAIT).await;
+        let logs = w.logs();
+        let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "no logs at all ({args:?})");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}) with {args:?}: {line:?}"));
+            assert!(v.is_object(), "{line}");
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("listening on {addr_s}"))),
+            "the ready line is logged as JSON too: {logs}"
+        );
+    }
+}

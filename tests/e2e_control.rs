@@ -257,3 +257,36 @@ async fn stop_while_paused_ends_the_utterance_and_unpauses() {
     c.say("Playing again.").await;
     c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
 }
+
+#[tokio::test]
+async fn lead_lets_frames_go_early_by_at_most_the_lead() {
+    // Same fast worker behind two orchestrators: one without lead, one with 200 ms of lead.
+    let worker = Worker::start(&["--mock-frame-interval-ms", "0"]).await;
+    let plain = Server::serve(&worker.url(), &[]).await;
+    let lead = Server::serve(&worker.url(), &["--lead-ms", "200"]).await;
+
+    let mut a = plain.client("").await;
+    a.say("No lead.").await;
+    let no_lead = a.collect_utterance(WAIT).await;
+    no_lead.assert_complete(MOCK_FRAMES);
+
+    let mut b = lead.client("").await;
+    b.say("With lead.").await;
+    let led = b.collect_utterance(WAIT).await;
+    led.assert_complete(MOCK_FRAMES);
+
+    // With 200 ms of lead the first ~10 frames leave at once and the rest on the schedule:
+    // about 280 ms instead of 480. Compared with the run without lead (same test, same
+    // machine), with 100 ms of margin either way.
+    assert!(
+        led.span() + Duration::from_millis(100) < no_lead.span(),
+        "--lead-ms 200 must let frames go early: {:?} vs {:?} without lead",
+        led.span(),
+        no_lead.span()
+    );
+    assert!(
+        led.span() + OBSERVE_SLACK >= Duration::from_millis(480 - 200),
+        "frames may go early by the lead, not more: 25 frames in {:?}",
+        led.span()
+    );
+}
