@@ -50,6 +50,8 @@ pub struct Core {
     pub sessions: RefCell<Slab<Rc<Session>>>,
     pub pacer: Pacer,
     pub upstream: Upstream,
+    /// Buffer JSON audio frames are encoded into (see [`crate::protocol::audio`]).
+    pub json_arena: RefCell<bytes::BytesMut>,
 }
 
 impl Shared {
@@ -97,6 +99,7 @@ impl Core {
             ),
             pacer: Pacer::new()?,
             sessions: RefCell::new(Slab::new()),
+            json_arena: RefCell::new(bytes::BytesMut::new()),
             shared,
         }))
     }

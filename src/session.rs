@@ -646,7 +646,13 @@ impl Session {
                 break;
             };
             u.sent += 1;
-            let chunks = protocol::audio(self.opts.format, u.sent, Some(&pcm), false);
+            let chunks = protocol::audio(
+                self.opts.format,
+                u.sent,
+                Some(&pcm),
+                false,
+                &mut self.core.json_arena.borrow_mut(),
+            );
             self.send_chunks(chunks);
             self.core.shared.metrics.frames_sent.inc();
             if u.sent == 1 {
@@ -683,7 +689,13 @@ impl Session {
     }
 
     fn send_end_marker(&self, sequence: u32) {
-        self.send_chunks(protocol::audio(self.opts.format, sequence, None, true));
+        self.send_chunks(protocol::audio(
+            self.opts.format,
+            sequence,
+            None,
+            true,
+            &mut self.core.json_arena.borrow_mut(),
+        ));
     }
 
     fn start_next(self: &Rc<Self>) {

@@ -6,11 +6,12 @@
 //! Its own test binary because it installs a global `tracing` subscriber that captures output.
 
 use std::io::Write;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::redis::RedisServer;
 use duplex::registry::record::now_epoch_secs;
 use duplex::registry::{
     spawn_registration, start_discovery_with, Capabilities, DiscoveryConfig, Metrics,
@@ -38,49 +39,6 @@ impl Capture {
     }
 }
 
-struct RedisServer(Option<Child>);
-
-impl RedisServer {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let server = RedisServer(Some(child));
-        wait_until("redis-server answers PING", Duration::from_secs(10), || {
-            cli(port, &["PING"]).as_deref() == Some("PONG")
-        });
-        server
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
-}
-
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -102,15 +60,13 @@ fn bad_records_and_outages_are_logged_once_per_change() {
     )
     .unwrap();
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = RedisServer::start(port);
+    let port = common::free_port();
+    let mut redis = RedisServer::start_on(port, &[]);
     let url = format!("redis://127.0.0.1:{port}");
     assert_eq!(
-        cli(port, &["SET", "worker:bad", "not json at all"]).as_deref(),
+        redis
+            .cli(&["SET", "worker:bad", "not json at all"])
+            .as_deref(),
         Some("OK")
     );
 
@@ -152,7 +108,7 @@ fn bad_records_and_outages_are_logged_once_per_change() {
         now_epoch_secs()
     );
     assert_eq!(
-        cli(port, &["SET", "worker:bad", &extra]).as_deref(),
+        redis.cli(&["SET", "worker:bad", &extra]).as_deref(),
         Some("OK")
     );
     let v = d.snapshot().version;
@@ -176,7 +132,7 @@ fn bad_records_and_outages_are_logged_once_per_change() {
     assert_eq!(capture.count("Redis unreachable, worker not registered"), 1);
 
     // Back: one info each.
-    let _redis = RedisServer::start(port);
+    let _redis = RedisServer::start_on(port, &[]);
     wait_until("both sides recover", Duration::from_secs(15), || {
         d.snapshot().redis_ok && reg.is_registered()
     });
