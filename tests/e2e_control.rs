@@ -290,3 +290,62 @@ async fn lead_lets_frames_go_early_by_at_most_the_lead() {
         led.span()
     );
 }
+
+#[tokio::test]
+async fn stop_during_streamed_text_then_a_new_text_is_a_new_utterance() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.send_json(
+        &serde_json::json!({"type": "text", "text": "An open clause, ", "is_final": false}),
+    )
+    .await;
+    c.read_frames(3, WAIT).await;
+    c.control("STOP").await;
+    let cut = c.collect_utterance(WAIT).await;
+    assert!(
+        cut.others.iter().any(|v| v["type"] == "interrupted"),
+        "{:?}",
+        cut.others
+    );
+    // The stopped utterance is over: this text starts a fresh one, numbered from 1, and is
+    // not glued to the text that was still open.
+    c.say("A brand new sentence.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    c.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn stop_in_binary_format_sends_json_interrupted_and_a_binary_end_marker() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("format=binary").await;
+    c.say("Binary, then stopped.").await;
+    let mut n = 0u32;
+    while n < 3 {
+        match c.recv(WAIT).await {
+            Incoming::Binary(b) => {
+                let h = parse_binary_header(&b);
+                assert!(!h.is_final, "ended before the STOP");
+                n += 1;
+                assert_eq!(h.sequence, n);
+            }
+            other => panic!("expected binary audio, got {other:?}"),
+        }
+    }
+    c.control("STOP").await;
+    let rest = c.collect_binary_utterance(WAIT).await;
+    let last = u64::from(n) + rest.frames.len() as u64;
+    assert!(last < MOCK_FRAMES as u64, "STOP cut it short");
+    assert_eq!(rest.end_sequence, last + 1, "binary end marker = last + 1");
+    let ev: Vec<_> = rest
+        .others
+        .iter()
+        .filter(|v| v["type"] == "interrupted")
+        .collect();
+    assert_eq!(
+        ev.len(),
+        1,
+        "one interrupted event as JSON text: {:?}",
+        rest.others
+    );
+    assert_eq!(ev[0]["sequence"], last, "{}", ev[0]);
+}

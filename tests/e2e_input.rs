@@ -283,3 +283,60 @@ async fn a_client_vanishing_mid_utterance_is_cleaned_up() {
         .await
         .assert_complete(MOCK_FRAMES);
 }
+
+#[tokio::test]
+async fn ping_gets_a_pong_with_the_same_payload() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .expect("send ping");
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Pong(p))) => break p.to_vec(),
+                Some(Ok(other)) => panic!("expected a pong, got {other:?}"),
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no pong within the bound");
+    assert_eq!(pong, b"are you there");
+    // Still a normal session afterwards.
+    c.say("Pong received.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+}
+
+#[tokio::test]
+async fn client_close_gets_a_close_reply_and_the_connection_ends() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .expect("send close");
+    let reply = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(Message::Text(t))) if t.contains("session_end") => continue,
+                other => panic!("expected the close reply, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no close reply within the bound");
+    if let Some(f) = reply {
+        assert_eq!(u16::from(f.code), 1000, "echoes a normal close: {f:?}");
+    }
+    c.wait_tcp_eof(WAIT).await;
+}
