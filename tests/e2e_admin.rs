@@ -394,7 +394,7 @@ async fn log_format_json_writes_one_json_object_per_line() {
         }
         let mut w = Proc::spawn("worker-json-logs", &args);
         w.wait_accepting(addr, WAIT).await;
-        let logs = w.logs();
+        let logs = w.wait_log(&format!("listening on {addr_s}"), WAIT);
         let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(!lines.is_empty(), "no logs at all ({args:?})");
         for line in &lines {
