@@ -548,7 +548,8 @@ impl Session {
         let was_empty = u.frames.is_empty();
         u.frames.push_back(pcm);
         if self.opts.pacing == Pacing::Realtime && was_empty && !paused {
-            if let Some(due) = u.due(self.core.shared.config.lead) {
+            // Late means after the frame's own slot; `--lead-ms` only lets frames go early.
+            if let Some(due) = u.due(Duration::ZERO) {
                 if now > due {
                     // Late: send at once and re-anchor so the lateness doesn't bunch the next
                     // frames together.
