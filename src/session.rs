@@ -27,6 +27,10 @@ use crate::runtime::Core;
 use crate::upstream;
 use crate::ws::chunk::Chunk;
 
+/// Most bytes queued for a client before it counts as not reading and is dropped: ~20 s of
+/// JSON audio, far beyond any network hiccup a live listener survives.
+pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+
 /// Length of one frame's slot.
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
 
@@ -124,6 +128,8 @@ struct State {
 #[derive(Default)]
 struct Out {
     chunks: VecDeque<Chunk>,
+    /// Bytes in `chunks`.
+    bytes: usize,
     /// No more data will be queued; the writer closes the socket once drained.
     closing: bool,
     /// The socket is gone; drop whatever is queued.
@@ -140,6 +146,7 @@ pub struct Session {
     state: RefCell<State>,
     out: RefCell<Out>,
     out_ready: Notify,
+    socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     started: Instant,
     last_activity: std::cell::Cell<Instant>,
 }
@@ -157,6 +164,7 @@ impl Session {
             state: RefCell::new(State::default()),
             out: RefCell::new(Out::default()),
             out_ready: Notify::new(),
+            socket: RefCell::new(None),
             started: now,
             last_activity: std::cell::Cell::new(now),
         }
@@ -170,9 +178,31 @@ impl Session {
         if out.dead || out.closing {
             return;
         }
+        out.bytes += chunk.len();
         out.chunks.push_back(Chunk::Shared(chunk));
+        self.after_queue(out);
+    }
+
+    /// Wakes the writer, or drops a client that stopped reading: its queue would otherwise
+    /// grow without bound (realtime audio keeps coming) and eat memory every other session
+    /// needs.
+    fn after_queue(&self, out: std::cell::RefMut<'_, Out>) {
+        let too_much = out.bytes > MAX_QUEUED_BYTES;
         drop(out);
+        if too_much {
+            tracing::warn!(parent: &self.span, limit = MAX_QUEUED_BYTES,
+                "client is not reading its audio; dropping the connection");
+            self.output_dead();
+            if let Some(socket) = self.socket.borrow().as_ref() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
         self.out_ready.notify_one();
+    }
+
+    /// Gives the session its socket, so it can cut off a client that stops reading.
+    pub fn attach_socket(&self, socket: Rc<tokio_uring::net::TcpStream>) {
+        *self.socket.borrow_mut() = Some(socket);
     }
 
     /// Queues a JSON event (session_start, interrupted, ...).
@@ -201,7 +231,10 @@ impl Session {
             return true;
         }
         let n = out.chunks.len().min(max);
+        let start = batch.len();
         batch.extend(out.chunks.drain(..n));
+        let taken: usize = batch[start..].iter().map(Chunk::len).sum();
+        out.bytes -= taken.min(out.bytes);
         batch.is_empty() && out.closing
     }
 
@@ -215,6 +248,7 @@ impl Session {
         let mut out = self.out.borrow_mut();
         out.dead = true;
         out.chunks.clear();
+        out.bytes = 0;
     }
 
     /// Server-initiated end: `session_end`, a close frame, then the writer closes the socket.
@@ -681,12 +715,13 @@ impl Session {
         if out.dead || out.closing {
             return;
         }
+        out.bytes += chunks.head.len();
         out.chunks.push_back(chunks.head);
         if let Some(pcm) = chunks.pcm {
+            out.bytes += pcm.len();
             out.chunks.push_back(Chunk::Shared(pcm));
         }
-        drop(out);
-        self.out_ready.notify_one();
+        self.after_queue(out);
     }
 
     fn send_end_marker(&self, sequence: u32) {
