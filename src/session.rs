@@ -31,6 +31,12 @@ use crate::ws::chunk::Chunk;
 /// JSON audio, far beyond any network hiccup a live listener survives.
 pub const MAX_QUEUED_BYTES: usize = 4 << 20;
 
+/// Most frames buffered ahead of playback before the synthesis task stops reading the
+/// worker's stream (10 s of audio). HTTP/2 flow control then holds the worker back, so a
+/// worker far faster than real time, or one that ignores PAUSE, can't grow a session's memory
+/// without bound.
+pub const MAX_AHEAD_FRAMES: usize = 500;
+
 /// Length of one frame's slot.
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
 
@@ -146,6 +152,8 @@ pub struct Session {
     state: RefCell<State>,
     out: RefCell<Out>,
     out_ready: Notify,
+    /// Woken when playback drains the frame queue below [`MAX_AHEAD_FRAMES`].
+    drained: Notify,
     socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     started: Instant,
     last_activity: std::cell::Cell<Instant>,
@@ -164,6 +172,7 @@ impl Session {
             state: RefCell::new(State::default()),
             out: RefCell::new(Out::default()),
             out_ready: Notify::new(),
+            drained: Notify::new(),
             socket: RefCell::new(None),
             started: now,
             last_activity: std::cell::Cell::new(now),
@@ -506,6 +515,9 @@ impl Session {
             return Ok(());
         }
         loop {
+            while self.frames_ahead(generation) >= MAX_AHEAD_FRAMES {
+                self.drained.notified().await;
+            }
             match stream.message().await {
                 Ok(Some(frame)) => {
                     if frame.audio_data.is_empty() && !frame.is_final {
@@ -537,6 +549,16 @@ impl Session {
         // a worker that never sends them must not keep this task alive).
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
+    }
+
+    /// Frames of utterance `generation` waiting to be played.
+    fn frames_ahead(&self, generation: u64) -> usize {
+        self.state
+            .borrow()
+            .current
+            .as_ref()
+            .filter(|u| u.generation == generation)
+            .map_or(0, |u| u.frames.len())
     }
 
     /// After a worker failure the next utterance chooses again and re-registers the session.
@@ -680,6 +702,9 @@ impl Session {
             let Some(pcm) = u.frames.pop_front() else {
                 break;
             };
+            if u.frames.len() + 1 == MAX_AHEAD_FRAMES {
+                self.drained.notify_one();
+            }
             u.sent += 1;
             let chunks = protocol::audio(
                 self.opts.format,
