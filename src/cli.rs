@@ -74,13 +74,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let mut config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
             config.discovery = args.discovery;
+            // Handlers first: a SIGTERM right after "listening" must be a clean shutdown.
+            let signals = Signals::install()?;
             let orchestrator = crate::runtime::Orchestrator::start(config)?;
-            wait_for_signal()?;
+            signals.wait();
             tracing::info!("shutting down");
             orchestrator.shutdown();
             Ok(())
         }
         Command::Demo(args) => {
+            let signals = Signals::install()?;
             let worker = crate::worker::spawn(crate::worker::WorkerArgs {
                 listen: "127.0.0.1:0".into(),
                 mock_first_frame_ms: args.mock_first_frame_ms,
@@ -94,7 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let addr = orchestrator.local_addr();
             println!("duplex demo: ws://{addr}/  (model {model}; choose another with --model or ?model=)");
             println!("  health: http://{addr}/health   metrics: http://{addr}/metrics");
-            wait_for_signal()?;
+            signals.wait();
             orchestrator.shutdown();
             worker.shutdown();
             Ok(())
@@ -107,8 +110,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests calling `run` twice) is harmless, so its error is ignored.
     let _ = match format {
@@ -117,19 +122,36 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+/// SIGINT/SIGTERM handlers, installed before anything starts listening so that a signal
+/// arriving right after start-up is a clean shutdown rather than the default kill.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok(())
-    })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, int) = rt.block_on(async {
+            anyhow::Ok((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        Ok(Self { rt, term, int })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        });
+    }
 }

@@ -297,3 +297,116 @@ async fn sigterm_ends_sessions_with_shutdown_then_exits() {
     let status = stack.server.proc.wait_exit(WAIT);
     assert!(status.success(), "clean exit on SIGTERM, got {status}");
 }
+
+/// The contract says a process is ready once it logs `listening on ADDR`; supervisors (systemd,
+/// Kubernetes) may stop it at any moment after that. A SIGTERM that lands before the signal
+/// handler is installed kills the process outright (no session_end, exit by signal), so each
+/// role is signalled the instant the line comes through a pipe, several times since it is a
+/// race (while the window is open, about half the attempts hit it).
+fn sigterm_right_after_listening(role: &str, extra: &[&str]) {
+    use std::io::BufRead as _;
+    for attempt in 1..=8 {
+        let addr = free_addr().to_string();
+        let child = std::process::Command::new(duplex_bin())
+            .args([role, "--listen", &addr])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn duplex");
+        let mut child = ChildGuard(child);
+        let stderr = child.0.stderr.take().expect("stderr pipe");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let needle = format!("listening on {addr}");
+        // A reader thread, so the wait for the line is bounded (recv_timeout below).
+        let reader = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(&needle) {
+                    let _ = tx.send(());
+                }
+                seen.push(line);
+            }
+            seen.join("\n")
+        });
+        rx.recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("`duplex {role}` never logged that it listens on {addr}"));
+        // SAFETY: plain syscall on our own child, not yet reaped.
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.0.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "`duplex {role}` ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let logs = reader.join().unwrap_or_default();
+        assert!(
+            status.success(),
+            "attempt {attempt}: `duplex {role}` got SIGTERM right after logging that it listens \
+             and ended with {status} instead of a clean exit (signal handler installed too \
+             late?); logs:\n{logs}"
+        );
+    }
+}
+
+/// Kills (SIGKILL) and reaps a child on drop, so a failing assertion cannot leak it. (std's
+/// `kill` sends nothing once the child has been reaped.)
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_handles_sigterm_as_soon_as_it_says_it_listens() {
+    sigterm_right_after_listening("serve", &["--worker", "grpc://127.0.0.1:1"]);
+}
+
+#[test]
+fn worker_handles_sigterm_as_soon_as_it_says_it_listens() {
+    sigterm_right_after_listening("worker", &[]);
+}
+
+#[test]
+fn demo_handles_sigterm_as_soon_as_it_says_it_listens() {
+    sigterm_right_after_listening("demo", &[]);
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    // The flag is global: accepted before and after the subcommand.
+    for before in [true, false] {
+        let addr = free_addr();
+        let addr_s = addr.to_string();
+        let mut args: Vec<String> = vec!["worker".into(), "--listen".into(), addr_s.clone()];
+        if before {
+            args.splice(0..0, ["--log-format".to_string(), "json".to_string()]);
+        } else {
+            args.extend(["--log-format".to_string(), "json".to_string()]);
+        }
+        let mut w = Proc::spawn("worker-json-logs", &args);
+        w.wait_accepting(addr, WAIT).await;
+        let logs = w.wait_log(&format!("listening on {addr_s}"), WAIT);
+        let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "no logs at all ({args:?})");
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}) with {args:?}: {line:?}"));
+            assert!(v.is_object(), "{line}");
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("listening on {addr_s}"))),
+            "the ready line is logged as JSON too: {logs}"
+        );
+    }
+}

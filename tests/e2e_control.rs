@@ -257,3 +257,125 @@ async fn stop_while_paused_ends_the_utterance_and_unpauses() {
     c.say("Playing again.").await;
     c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
 }
+
+#[tokio::test]
+async fn lead_lets_frames_go_early_by_at_most_the_lead() {
+    // Same fast worker behind two orchestrators: one without lead, one with 200 ms of lead.
+    let worker = Worker::start(&["--mock-frame-interval-ms", "0"]).await;
+    let plain = Server::serve(&worker.url(), &[]).await;
+    let lead = Server::serve(&worker.url(), &["--lead-ms", "200"]).await;
+
+    let mut a = plain.client("").await;
+    a.say("No lead.").await;
+    let no_lead = a.collect_utterance(WAIT).await;
+    no_lead.assert_complete(MOCK_FRAMES);
+
+    let mut b = lead.client("").await;
+    b.say("With lead.").await;
+    let led = b.collect_utterance(WAIT).await;
+    led.assert_complete(MOCK_FRAMES);
+
+    // With 200 ms of lead the first ~10 frames leave at once and the rest on the schedule:
+    // about 280 ms instead of 480. Compared with the run without lead (same test, same
+    // machine), with 100 ms of margin either way.
+    assert!(
+        led.span() + Duration::from_millis(100) < no_lead.span(),
+        "--lead-ms 200 must let frames go early: {:?} vs {:?} without lead",
+        led.span(),
+        no_lead.span()
+    );
+    assert!(
+        led.span() + OBSERVE_SLACK >= Duration::from_millis(480 - 200),
+        "frames may go early by the lead, not more: 25 frames in {:?}",
+        led.span()
+    );
+}
+
+#[tokio::test]
+async fn stop_during_streamed_text_then_a_new_text_is_a_new_utterance() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.send_json(
+        &serde_json::json!({"type": "text", "text": "An open clause, ", "is_final": false}),
+    )
+    .await;
+    c.read_frames(3, WAIT).await;
+    c.control("STOP").await;
+    let cut = c.collect_utterance(WAIT).await;
+    assert!(
+        cut.others.iter().any(|v| v["type"] == "interrupted"),
+        "{:?}",
+        cut.others
+    );
+    // The stopped utterance is over: this text starts a fresh one, numbered from 1, and is
+    // not glued to the text that was still open.
+    c.say("A brand new sentence.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    c.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn stop_in_binary_format_sends_json_interrupted_and_a_binary_end_marker() {
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("format=binary").await;
+    c.say("Binary, then stopped.").await;
+    let mut n = 0u32;
+    while n < 3 {
+        match c.recv(WAIT).await {
+            Incoming::Binary(b) => {
+                let h = parse_binary_header(&b);
+                assert!(!h.is_final, "ended before the STOP");
+                n += 1;
+                assert_eq!(h.sequence, n);
+            }
+            other => panic!("expected binary audio, got {other:?}"),
+        }
+    }
+    c.control("STOP").await;
+    let rest = c.collect_binary_utterance(WAIT).await;
+    let last = u64::from(n) + rest.frames.len() as u64;
+    assert!(last < MOCK_FRAMES as u64, "STOP cut it short");
+    assert_eq!(rest.end_sequence, last + 1, "binary end marker = last + 1");
+    let ev: Vec<_> = rest
+        .others
+        .iter()
+        .filter(|v| v["type"] == "interrupted")
+        .collect();
+    assert_eq!(
+        ev.len(),
+        1,
+        "one interrupted event as JSON text: {:?}",
+        rest.others
+    );
+    assert_eq!(ev[0]["sequence"], last, "{}", ev[0]);
+}
+
+#[tokio::test]
+async fn a_worker_far_ahead_of_playback_is_held_back_by_flow_control() {
+    use duplex::grpc::tts::TtsClient;
+    use duplex::grpc::ClientOptions;
+    // The mock makes frames as fast as it can; 100 chunks = 2500 frames = 50 s of audio.
+    let stack = Stack::start(&["--mock-frame-interval-ms", "0"], &[]).await;
+    let mut c = stack.server.client("").await;
+    for _ in 0..99 {
+        c.send_json(&serde_json::json!({"type": "text", "text": "more", "is_final": false}))
+            .await;
+    }
+    c.send_json(&serde_json::json!({"type": "text", "text": "end", "is_final": true}))
+        .await;
+    c.read_frames(25, WAIT).await;
+    // Playback is at frame ~25 of 2500; the orchestrator buffers at most 500 frames ahead
+    // and HTTP/2 flow control (a 1 MiB stream window, ~530 frames) holds back the rest.
+    let worker = TtsClient::connect(&stack.worker.addr.to_string(), &ClientOptions::default())
+        .await
+        .expect("connect");
+    let caps = worker
+        .get_capabilities(Some(Duration::from_secs(2)))
+        .await
+        .expect("caps");
+    let made = caps.metrics.get("frames_total").copied().unwrap_or(-1.0);
+    assert!(
+        (0.0..1_500.0).contains(&made),
+        "worker produced {made} frames while the client heard ~25"
+    );
+}

@@ -283,3 +283,98 @@ async fn a_client_vanishing_mid_utterance_is_cleaned_up() {
         .await
         .assert_complete(MOCK_FRAMES);
 }
+
+#[tokio::test]
+async fn ping_gets_a_pong_with_the_same_payload() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .expect("send ping");
+    // Nothing else is in flight on an idle session, so the very next message is the pong.
+    let pong = match tokio::time::timeout(WAIT, c.ws.next()).await {
+        Ok(Some(Ok(Message::Pong(p)))) => p.to_vec(),
+        Ok(other) => panic!("expected a pong, got {other:?}"),
+        Err(_) => panic!("no pong within {WAIT:?}"),
+    };
+    assert_eq!(pong, b"are you there");
+    // Still a normal session afterwards.
+    c.say("Pong received.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+}
+
+#[tokio::test]
+async fn client_close_gets_a_close_reply_and_the_connection_ends() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+    let stack = Stack::default().await;
+    let mut c = stack.server.client("").await;
+    c.ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .expect("send close");
+    let reply = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(Message::Text(t))) if t.contains("session_end") => continue,
+                other => panic!("expected the close reply, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no close reply within the bound");
+    if let Some(f) = reply {
+        assert_eq!(u16::from(f.code), 1000, "echoes a normal close: {f:?}");
+    }
+    c.wait_tcp_eof(WAIT).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
+    // Frames as fast as the worker can make them, forwarded at once: a client that never
+    // reads fills the kernel buffers, then the server's queue, until the server cuts it off.
+    let stack = Stack::start(&["--mock-frame-interval-ms", "0"], &[]).await;
+    let addr = stack.server.addr;
+    let mut stuck = stack.server.client("pacing=asap").await;
+    for _ in 0..399 {
+        stuck
+            .send_json(&serde_json::json!({"type": "text", "text": "more", "is_final": false}))
+            .await;
+    }
+    stuck
+        .send_json(&serde_json::json!({"type": "text", "text": "end", "is_final": true}))
+        .await;
+    // 400 chunks × 25 frames × ~2.6 KB ≈ 26 MB: far more than socket buffers plus the
+    // server's 4 MiB queue limit. A healthy session works meanwhile.
+    let mut ok = stack.server.client("pacing=asap").await;
+    ok.say("I am still here.").await;
+    ok.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = http_get(addr, "/metrics").await;
+        if metric_sum(&m.body, |n| n == "sessions_active") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the non-reading client was never dropped:\n{}",
+            stack.server.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stack.server.proc.logs().contains("not reading"));
+    ok.say("Still fine after the drop.").await;
+    ok.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+    drop(stuck);
+}

@@ -149,3 +149,15 @@ async fn texts_sent_together_play_in_order_each_numbered_from_1() {
     }
     c.assert_silent(Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn a_single_core_orchestrator_serves_several_sessions() {
+    let stack = Stack::start(&[], &["--cores", "1"]).await;
+    let mut a = stack.server.client("").await;
+    let mut b = stack.server.client("format=binary").await;
+    a.say("Core one, session A.").await;
+    b.say("Core one, session B.").await;
+    let (ua, ub) = tokio::join!(a.collect_utterance(WAIT), b.collect_binary_utterance(WAIT));
+    ua.assert_complete(MOCK_FRAMES);
+    ub.assert_complete(MOCK_FRAMES);
+}

@@ -138,6 +138,30 @@ impl Proc {
         }
     }
 
+    /// Polls the captured logs (bounded) until they contain `needle`. Accepting TCP comes
+    /// before the ready line is written, so a test that reads logs waits for the line first.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}; logs:\n{logs}",
+                    self.name
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {needle:?} within {timeout:?}; logs:\n{logs}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Polls TCP connect to `addr` until it succeeds; panics (with the logs) if the process
     /// exits first or `timeout` passes.
     pub async fn wait_accepting(&mut self, addr: SocketAddr, timeout: Duration) {
