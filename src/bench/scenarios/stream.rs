@@ -48,6 +48,10 @@ pub async fn frame_jitter(ctx: &mut Ctx) -> Result<ScenarioReport> {
         None,
         None,
     ));
+    // Every sample in frame order (k = frame k+1 → k+2): the distribution hides *where* a
+    // hiccup was, and the measurement test checks exactly that.
+    let samples: Vec<f64> = t.jitter_ns.iter().map(|&j| j as f64 / 1e6).collect();
+    r.put("jitter_samples_ms", samples);
     check(&mut r, ctx, &agg);
     Ok(r)
 }
