@@ -145,6 +145,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     result
 }
 
+/// Whether this run starts its own servers (no `--url`).
+fn ctx_spawns(args: &BenchArgs) -> bool {
+    args.url.is_none()
+}
+
 /// Validates `--only` and returns the scenarios to run, in order.
 fn select(only: &[String]) -> Result<Vec<&'static str>> {
     for name in only {
@@ -191,6 +196,12 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
         log_dir.display()
     );
     println!("{}", report::render_header(&machine, &mode));
+    if machine.profile == "debug" && ctx_spawns(&args) {
+        println!(
+            "note: this is a debug build, and so are the servers it starts; timing figures are \
+             not representative (build with --release, e.g. `just bench`)\n"
+        );
+    }
     let started = Instant::now();
     let gen_cpu = procfs::SelfCpu::start();
     let mut ctx = Ctx {
