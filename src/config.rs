@@ -53,6 +53,10 @@ pub struct OrchestratorArgs {
     /// Model for sessions that don't ask for one (`?model=`).
     #[arg(long, default_value = "mock-440hz")]
     pub model: String,
+    /// Pacer coalescing window in microseconds: one wake-up also sends frames due this soon,
+    /// trading that much early delivery for fewer wake-ups at many sessions (0 = exact).
+    #[arg(long, default_value_t = 500)]
+    pub coalesce_us: u64,
 }
 
 /// Redis discovery flags of `duplex serve`.
@@ -88,6 +92,7 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     pub model: String,
+    pub coalesce: Duration,
     pub discovery: DiscoveryArgs,
 }
 
@@ -126,6 +131,7 @@ impl Config {
             idle_timeout: secs("--idle-timeout-secs", args.idle_timeout_secs)?,
             max_session: secs("--max-session-secs", args.max_session_secs)?,
             model: args.model.clone(),
+            coalesce: Duration::from_micros(args.coalesce_us.min(10_000)),
             discovery: DiscoveryArgs::default(),
         })
     }

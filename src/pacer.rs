@@ -19,20 +19,24 @@ use tokio::io::unix::AsyncFd;
 /// A scheduled wake-up for one session: `(due, session key, utterance generation)`.
 pub type Entry = (Instant, usize, u64);
 
-/// Frames within this margin of their slot are sent in the current wake-up rather than
-/// re-arming the timer for a few microseconds (which would cost more than it saves).
-pub const EARLY_MARGIN: Duration = Duration::from_micros(100);
+/// Default coalescing window: a wake-up also sends frames due within this much of now, so
+/// sessions whose slots are close share one wake-up (fewer context switches per frame at
+/// hundreds of sessions) at the price of sending those frames at most this early. A lone
+/// session is unaffected: its own wake-ups are armed for its exact slots.
+pub const DEFAULT_COALESCE: Duration = Duration::from_micros(500);
 
 /// Per-core timer driving every session's frame schedule.
 pub struct Pacer {
     fd: AsyncFd<OwnedFd>,
+    coalesce: Duration,
     heap: RefCell<BinaryHeap<Reverse<Entry>>>,
     armed: Cell<Option<Instant>>,
 }
 
 impl Pacer {
     /// Creates the timer and lowers this thread's timer slack (call on the core's thread).
-    pub fn new() -> io::Result<Self> {
+    /// `coalesce`: see [`DEFAULT_COALESCE`].
+    pub fn new(coalesce: Duration) -> io::Result<Self> {
         // SAFETY: plain syscalls with constant arguments; the fd is checked before use.
         let fd = unsafe {
             libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
@@ -51,6 +55,7 @@ impl Pacer {
             .map_err(io::Error::from)?;
         Ok(Self {
             fd,
+            coalesce,
             heap: RefCell::new(BinaryHeap::new()),
             armed: Cell::new(None),
         })
@@ -89,7 +94,12 @@ impl Pacer {
         }
     }
 
-    /// Waits for the timer, then returns every entry due by now (plus [`EARLY_MARGIN`]) and
+    /// The coalescing window: frames due within it count as due now.
+    pub fn coalesce(&self) -> Duration {
+        self.coalesce
+    }
+
+    /// Waits for the timer, then returns every entry due by now (plus the coalescing window) and
     /// re-arms for the next one. Entries are returned in due order.
     pub async fn next_due(&self, out: &mut Vec<Entry>) -> io::Result<()> {
         loop {
@@ -106,7 +116,7 @@ impl Pacer {
                 return Err(err);
             }
             self.armed.set(None);
-            let horizon = Instant::now() + EARLY_MARGIN;
+            let horizon = Instant::now() + self.coalesce;
             let mut heap = self.heap.borrow_mut();
             while let Some(Reverse(entry)) = heap.peek() {
                 if entry.0 > horizon {
@@ -139,7 +149,7 @@ mod tests {
     #[test]
     fn fires_in_due_order_and_not_early() {
         tokio_uring::start(async {
-            let pacer = Pacer::new().unwrap();
+            let pacer = Pacer::new(DEFAULT_COALESCE).unwrap();
             let t0 = Instant::now();
             pacer.schedule(t0 + Duration::from_millis(30), 2, 0);
             pacer.schedule(t0 + Duration::from_millis(10), 1, 0);
@@ -147,11 +157,11 @@ mod tests {
             let mut out = Vec::new();
             pacer.next_due(&mut out).await.unwrap();
             assert_eq!(out.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 3]);
-            assert!(Instant::now() + EARLY_MARGIN >= t0 + Duration::from_millis(10));
+            assert!(Instant::now() + DEFAULT_COALESCE >= t0 + Duration::from_millis(10));
             out.clear();
             pacer.next_due(&mut out).await.unwrap();
             assert_eq!(out[0].1, 2);
-            assert!(Instant::now() + EARLY_MARGIN >= t0 + Duration::from_millis(30));
+            assert!(Instant::now() + DEFAULT_COALESCE >= t0 + Duration::from_millis(30));
             assert_eq!(pacer.pending(), 0);
         });
     }
@@ -159,7 +169,7 @@ mod tests {
     #[test]
     fn an_earlier_entry_rearms_the_timer() {
         tokio_uring::start(async {
-            let pacer = Pacer::new().unwrap();
+            let pacer = Pacer::new(DEFAULT_COALESCE).unwrap();
             let t0 = Instant::now();
             pacer.schedule(t0 + Duration::from_secs(5), 1, 0);
             pacer.schedule(t0 + Duration::from_millis(5), 2, 0);

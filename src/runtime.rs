@@ -97,7 +97,7 @@ impl Core {
                 shared.discovery.clone(),
                 shared.book.clone(),
             ),
-            pacer: Pacer::new()?,
+            pacer: Pacer::new(shared.config.coalesce)?,
             sessions: RefCell::new(Slab::new()),
             json_arena: RefCell::new(bytes::BytesMut::new()),
             shared,

@@ -681,7 +681,7 @@ impl Session {
             if self.opts.pacing == Pacing::Realtime {
                 match u.due(lead) {
                     None => u.anchor = Some(now),
-                    Some(due) if due > now + crate::pacer::EARLY_MARGIN => {
+                    Some(due) if due > now + self.core.pacer.coalesce() => {
                         if u.scheduled.is_none_or(|s| due < s) {
                             u.scheduled = Some(due);
                             self.core.pacer.schedule(due, self.key, u.generation);

@@ -53,6 +53,7 @@ fn args() -> OrchestratorArgs {
         idle_timeout_secs: 0.0,
         max_session_secs: 0.0,
         model: "mock-440hz".into(),
+        coalesce_us: 500,
     }
 }
 
