@@ -57,6 +57,12 @@ pub struct OrchestratorArgs {
     /// trading that much early delivery for fewer wake-ups at many sessions (0 = exact).
     #[arg(long, default_value_t = 500)]
     pub coalesce_us: u64,
+    /// Run the core threads under SCHED_FIFO with this priority (1-99) so a busy host can't
+    /// delay frame wake-ups by a scheduler time slice. Needs CAP_SYS_NICE; off by default
+    /// because FIFO threads at full load starve everything else on their cores (a worker in
+    /// the same process or host included).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=99))]
+    pub realtime_priority: Option<i32>,
 }
 
 /// Redis discovery flags of `duplex serve`.
@@ -93,6 +99,7 @@ pub struct Config {
     pub max_session: Option<Duration>,
     pub model: String,
     pub coalesce: Duration,
+    pub realtime_priority: Option<i32>,
     pub discovery: DiscoveryArgs,
 }
 
@@ -132,6 +139,7 @@ impl Config {
             max_session: secs("--max-session-secs", args.max_session_secs)?,
             model: args.model.clone(),
             coalesce: Duration::from_micros(args.coalesce_us.min(10_000)),
+            realtime_priority: args.realtime_priority,
             discovery: DiscoveryArgs::default(),
         })
     }

@@ -125,10 +125,14 @@ impl Orchestrator {
         let mut threads = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
+            let priority = shared.config.realtime_priority;
             let thread = std::thread::Builder::new()
                 .name(format!("core-{index}"))
                 .spawn(move || {
                     pin_to_cpu(index);
+                    if let Some(p) = priority {
+                        set_fifo(index, p);
+                    }
                     tokio_uring::start(core_main(index, listener, shared));
                 })
                 .context("cannot start core thread")?;
@@ -198,6 +202,20 @@ fn pin_to_cpu(index: usize) {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+/// Puts this thread under SCHED_FIFO (see `--realtime-priority`); a refusal is logged, not
+/// fatal: the gateway works the same, only with scheduler-dependent tails.
+fn set_fifo(index: usize, priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: plain syscall on the calling thread with an initialised sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        tracing::warn!(core = index, error = %std::io::Error::last_os_error(),
+            "cannot use SCHED_FIFO (needs CAP_SYS_NICE); running with normal priority");
     }
 }
 

@@ -54,6 +54,7 @@ fn args() -> OrchestratorArgs {
         max_session_secs: 0.0,
         model: "mock-440hz".into(),
         coalesce_us: 500,
+        realtime_priority: None,
     }
 }
 
