@@ -436,8 +436,13 @@ async fn interactive(s: &mut Session, idle_limit: Duration) -> anyhow::Result<()
     let mut paused = false;
     loop {
         if !stdin_open {
-            // End of input: let queued speech finish, then leave.
-            return drain(s, idle_limit).await;
+            // End of input: let queued speech finish, then leave (at once if paused: nothing
+            // could resume it any more).
+            return if paused {
+                Ok(())
+            } else {
+                drain(s, idle_limit).await
+            };
         }
         let deadline = last_heard + idle_limit;
         // While paused, silence from the server is expected, not a timeout.
