@@ -152,7 +152,13 @@ fn say_writes_a_wav_that_a_wav_reader_parses() {
     let demo = Demo::start(&[]);
     let path = tmp_path("hello.wav");
     let out = say(
-        &["Hello world", "--url", &demo.url(), "--out", path.to_str().unwrap()],
+        &[
+            "Hello world",
+            "--url",
+            &demo.url(),
+            "--out",
+            path.to_str().unwrap(),
+        ],
         &[],
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -161,7 +167,10 @@ fn say_writes_a_wav_that_a_wav_reader_parses() {
     assert!(stdout.contains("FAL "), "{stdout}");
     assert!(stdout.contains(" frames"), "{stdout}");
     assert!(stdout.contains(" s of audio"), "{stdout}");
-    assert!(stderr.contains("espeak-en-us"), "the session's model is named: {stderr}");
+    assert!(
+        stderr.contains("espeak-en-us"),
+        "the session's model is named: {stderr}"
+    );
 
     let mut r = hound::WavReader::open(&path).expect("a valid WAV");
     let spec = r.spec();
@@ -175,7 +184,10 @@ fn say_writes_a_wav_that_a_wav_reader_parses() {
     assert!(speech > 0.5, "{speech:.2} s of non-silent audio");
     // The report's frame count is the file's.
     let frames = samples.len() / 960;
-    assert!(stdout.contains(&format!("{frames} frames")), "{stdout} vs {frames}");
+    assert!(
+        stdout.contains(&format!("{frames} frames")),
+        "{stdout} vs {frames}"
+    );
     let _ = std::fs::remove_file(&path);
 }
 
@@ -207,7 +219,10 @@ fn out_dash_writes_raw_pcm_to_stdout_and_the_report_to_stderr() {
         .collect();
     assert!(non_silent_secs(&samples) > 0.5);
     assert!(stderr.contains("FAL "), "report on stderr: {stderr}");
-    assert!(stderr.contains("espeak-en-gb"), "--model chose the voice: {stderr}");
+    assert!(
+        stderr.contains("espeak-en-gb"),
+        "--model chose the voice: {stderr}"
+    );
 }
 
 #[test]
@@ -217,12 +232,18 @@ fn interactive_mode_speaks_each_line_and_obeys_commands() {
     let out = say(
         &["--url", &demo.url(), "--out", path.to_str().unwrap()],
         &[
-            ("First line, spoken as soon as it is typed.\n", Duration::ZERO),
+            (
+                "First line, spoken as soon as it is typed.\n",
+                Duration::ZERO,
+            ),
             ("/pause\n", Duration::from_millis(600)),
             ("/resume\n", Duration::from_millis(600)),
             ("/bogus\n", Duration::ZERO),
             ("Second line.\n", Duration::ZERO),
-            ("Third line, after which the session ends.\n", Duration::ZERO),
+            (
+                "Third line, after which the session ends.\n",
+                Duration::ZERO,
+            ),
         ],
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -252,7 +273,10 @@ fn interactive_mode_speaks_each_line_and_obeys_commands() {
     );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(stdout.contains("utterance 1:") && stdout.contains("(stopped)"), "{stdout}");
+    assert!(
+        stdout.contains("utterance 1:") && stdout.contains("(stopped)"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("utterance 2:"), "{stdout}");
 }
 
@@ -268,7 +292,10 @@ fn failures_are_clear_and_exit_non_zero() {
     let out = say(&["hi", "--url", &url], &[]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("cannot connect to") && err.contains(&url), "{err}");
+    assert!(
+        err.contains("cannot connect to") && err.contains(&url),
+        "{err}"
+    );
 
     let out = say(&["hi", "--url", "http://127.0.0.1:1/"], &[]);
     assert!(!out.status.success());
@@ -276,7 +303,10 @@ fn failures_are_clear_and_exit_non_zero() {
 
     // A voice the worker does not have: the server's error is reported, exit non-zero.
     let demo = Demo::start(&[]);
-    let out = say(&["hi", "--url", &demo.url(), "--model", "espeak-nowhere"], &[]);
+    let out = say(
+        &["hi", "--url", &demo.url(), "--model", "espeak-nowhere"],
+        &[],
+    );
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("espeak-nowhere"), "{err}");
