@@ -352,16 +352,12 @@ async fn streamed_text_starts_speaking_when_a_clause_is_complete() {
     assert!(!f.is_final);
     // Nothing is final while the client may still send text.
     let mut frames = vec![f];
-    loop {
-        match timeout(Duration::from_millis(500), rx.message()).await {
-            Ok(r) => {
-                let f = r.unwrap().expect("frame");
-                check_frame(&f, "s", frames.len());
-                assert!(!f.is_final, "final frame while the input is open");
-                frames.push(f);
-            }
-            Err(_) => break, // the first clause is done and the input is open: idle
-        }
+    // Until 500 ms of silence: the first clause is done and the input is open, so it idles.
+    while let Ok(r) = timeout(Duration::from_millis(500), rx.message()).await {
+        let f = r.unwrap().expect("frame");
+        check_frame(&f, "s", frames.len());
+        assert!(!f.is_final, "final frame while the input is open");
+        frames.push(f);
     }
     let first_clause = frames.len();
     assert!(
@@ -411,16 +407,11 @@ async fn pause_mid_sentence_stops_frames_and_resume_finishes_them() {
     }
     control(&client, "p", ControlCommand::Pause).await;
     // Drain what was already sent, until the stream stays silent for 700 ms.
-    loop {
-        match timeout(Duration::from_millis(700), rx.message()).await {
-            Ok(r) => {
-                let f = r.unwrap().expect("the call must not end while paused");
-                check_frame(&f, "p", frames.len());
-                assert!(!f.is_final, "paused, yet the synthesis ran to its end");
-                frames.push(f);
-            }
-            Err(_) => break,
-        }
+    while let Ok(r) = timeout(Duration::from_millis(700), rx.message()).await {
+        let f = r.unwrap().expect("the call must not end while paused");
+        check_frame(&f, "p", frames.len());
+        assert!(!f.is_final, "paused, yet the synthesis ran to its end");
+        frames.push(f);
     }
     let at_pause = frames.len();
     assert!(
