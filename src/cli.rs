@@ -44,9 +44,12 @@ pub struct ServeArgs {
     /// Address for WebSocket clients and the HTTP admin endpoints.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: String,
-    /// TTS worker address (grpc://HOST:PORT); repeat for several workers.
-    #[arg(long = "worker", required = true)]
+    /// TTS worker address (grpc://HOST:PORT); repeat for several workers. Needed unless
+    /// `--redis` discovers them.
+    #[arg(long = "worker", required_unless_present = "redis")]
     pub workers: Vec<String>,
+    #[command(flatten)]
+    pub discovery: crate::config::DiscoveryArgs,
     #[command(flatten)]
     pub orchestrator: OrchestratorArgs,
 }
@@ -72,7 +75,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
+            let mut config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
+            config.discovery = args.discovery;
             let orchestrator = crate::runtime::Orchestrator::start(config)?;
             wait_for_signal()?;
             tracing::info!("shutting down");

@@ -55,6 +55,24 @@ pub struct OrchestratorArgs {
     pub model: String,
 }
 
+/// Redis discovery flags of `duplex serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DiscoveryArgs {
+    /// Discover workers in this Redis (`redis://host:port`); `--worker` addresses still work.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Registry key prefix (workers write prefix + name).
+    #[arg(long, default_value = "worker:")]
+    pub registry_prefix: String,
+    /// Registry TTL the workers use, in seconds: older records count as dead.
+    #[arg(long, default_value_t = 30)]
+    pub registry_ttl: u64,
+    /// How often to re-read the registry, in milliseconds (changes also arrive at once when
+    /// Redis has keyspace notifications enabled).
+    #[arg(long, default_value_t = 1000)]
+    pub discovery_interval_ms: u64,
+}
+
 /// Validated orchestrator configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -70,6 +88,7 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     pub model: String,
+    pub discovery: DiscoveryArgs,
 }
 
 impl Config {
@@ -107,6 +126,7 @@ impl Config {
             idle_timeout: secs("--idle-timeout-secs", args.idle_timeout_secs)?,
             max_session: secs("--max-session-secs", args.max_session_secs)?,
             model: args.model.clone(),
+            discovery: DiscoveryArgs::default(),
         })
     }
 }

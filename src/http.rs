@@ -36,22 +36,42 @@ pub fn handle(shared: &Shared, req: &Request) -> Vec<u8> {
     }
 }
 
-/// Healthy when at least one worker answered its last probe.
+/// Healthy when at least one worker answered its last probe. With discovery, a Redis outage
+/// makes the status `degraded` (still 200: the last snapshot keeps routing) as long as a
+/// worker is reachable.
 fn health(shared: &Shared) -> (bool, serde_json::Value) {
-    let workers: Vec<_> = shared
-        .workers
+    let mut addrs: Vec<String> = shared.config.workers.clone();
+    let snapshot = shared.discovery.as_ref().map(|d| d.snapshot());
+    if let Some(snap) = &snapshot {
+        for rec in &snap.workers {
+            if let Some(a) = rec.authority() {
+                if !addrs.iter().any(|x| x == a) {
+                    addrs.push(a.to_string());
+                }
+            }
+        }
+    }
+    let workers: Vec<_> = addrs
         .iter()
-        .map(|w| json!({"addr": w.addr, "reachable": w.reachable.load(Ordering::Relaxed)}))
+        .map(|a| json!({"addr": a, "reachable": shared.book.reachable(a)}))
         .collect();
-    let healthy = shared
-        .workers
-        .iter()
-        .any(|w| w.reachable.load(Ordering::Relaxed));
+    let healthy = addrs.iter().any(|a| shared.book.reachable(a));
+    let redis = match &snapshot {
+        None => json!({"status": "not_configured"}),
+        Some(s) if s.redis_ok => json!({"status": "ok", "workers": s.workers.len()}),
+        Some(s) => json!({"status": "down", "error": s.error}),
+    };
+    let redis_down = snapshot.as_ref().is_some_and(|s| !s.redis_ok);
+    let status = match (healthy, redis_down) {
+        (false, _) => "unhealthy",
+        (true, true) => "degraded",
+        (true, false) => "healthy",
+    };
     let body = json!({
-        "status": if healthy { "healthy" } else { "unhealthy" },
+        "status": status,
         "checks": {
             "workers": { "status": if healthy { "ok" } else { "down" }, "workers": workers },
-            "redis": { "status": "not_configured" },
+            "redis": redis,
         },
         "sessions_active": shared.connections.load(Ordering::Relaxed),
         "cores": shared.config.cores,

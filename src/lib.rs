@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod pacer;
 pub mod protocol;
+pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod upstream;

@@ -138,10 +138,20 @@ pub const FLAG_FINAL: u8 = 1;
 const JSON_PREFIX: &[u8] = b"{\"type\":\"audio\",\"pcm\":\"";
 const JSON_MID: &[u8] = b"\",\"sample_rate\":48000,\"frame_ms\":20,\"sequence\":";
 
+/// Size of the per-core buffer JSON audio frames are carved from (about 24 frames).
+pub const JSON_ARENA: usize = 64 * 1024;
+
 /// Encodes one audio frame (or, with `pcm` empty and `is_final`, the end marker) as the
-/// chunks to write. Binary mode returns the header and the PCM `Bytes` itself (no copy);
-/// JSON mode base64-encodes straight into the frame buffer (one allocation).
-pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool) -> AudioChunks {
+/// chunks to write. Binary mode returns the header (inline) and the PCM `Bytes` itself (no
+/// copy, no allocation); JSON mode base64-encodes straight into a frame carved from `arena`,
+/// the core's reused buffer, which is replaced only when full (one allocation per ~24 frames).
+pub fn audio(
+    format: Format,
+    sequence: u32,
+    pcm: Option<&Bytes>,
+    is_final: bool,
+    arena: &mut BytesMut,
+) -> AudioChunks {
     debug_assert_eq!(SAMPLE_RATE, 48_000);
     debug_assert_eq!(FRAME_MS, 20);
     match format {
@@ -171,7 +181,11 @@ pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool)
                 b"}"
             };
             let len = JSON_PREFIX.len() + b64_len + JSON_MID.len() + seq.len() + tail.len();
-            let mut buf = BytesMut::with_capacity(frame::header_len(len) + len);
+            let total = frame::header_len(len) + len;
+            if arena.capacity() - arena.len() < total {
+                *arena = BytesMut::with_capacity(JSON_ARENA.max(total));
+            }
+            let mut buf = arena.split_off(arena.len());
             frame::put_header(&mut buf, Opcode::Text, len);
             buf.put_slice(JSON_PREFIX);
             if let Some(p) = pcm {
@@ -184,6 +198,9 @@ pub fn audio(format: Format, sequence: u32, pcm: Option<&Bytes>, is_final: bool)
             buf.put_slice(JSON_MID);
             buf.put_slice(seq.as_bytes());
             buf.put_slice(tail);
+            // Give the unused tail back to the arena for the next frame.
+            let rest = buf.split_off(total);
+            *arena = rest;
             AudioChunks {
                 head: Chunk::Shared(buf.freeze()),
                 pcm: None,
@@ -282,7 +299,7 @@ mod tests {
     #[test]
     fn json_audio_matches_serde_encoding() {
         let pcm = Bytes::from((0..1920u32).map(|i| i as u8).collect::<Vec<_>>());
-        let c = audio(Format::Json, 17, Some(&pcm), false);
+        let c = audio(Format::Json, 17, Some(&pcm), false, &mut BytesMut::new());
         // Header of a 2.6 KB text frame is 4 bytes.
         let body = &c.head.as_slice()[4..];
         let v: Value = serde_json::from_slice(body).unwrap();
@@ -299,8 +316,30 @@ mod tests {
     }
 
     #[test]
+    fn json_frames_from_one_arena_stay_intact() {
+        let mut arena = BytesMut::new();
+        let frames: Vec<_> = (0..100u32)
+            .map(|i| {
+                let pcm = Bytes::from(vec![i as u8; 1920]);
+                audio(Format::Json, i + 1, Some(&pcm), false, &mut arena)
+            })
+            .collect();
+        for (i, c) in frames.iter().enumerate() {
+            let v: Value = serde_json::from_slice(&c.head.as_slice()[4..]).unwrap();
+            assert_eq!(v["sequence"], i as u64 + 1);
+            let pcm = base64::engine::general_purpose::STANDARD
+                .decode(v["pcm"].as_str().unwrap())
+                .unwrap();
+            assert!(
+                pcm.iter().all(|&b| b == i as u8),
+                "frame {i} was overwritten"
+            );
+        }
+    }
+
+    #[test]
     fn json_end_marker() {
-        let c = audio(Format::Json, 26, None, true);
+        let c = audio(Format::Json, 26, None, true, &mut BytesMut::new());
         let v: Value = serde_json::from_slice(&c.head.as_slice()[2..]).unwrap();
         assert_eq!(v["pcm"], "");
         assert_eq!(v["sequence"], 26);
@@ -310,13 +349,19 @@ mod tests {
     #[test]
     fn binary_audio_reuses_the_pcm_buffer() {
         let pcm = Bytes::from(vec![7u8; 1920]);
-        let c = audio(Format::Binary, 0x01020304, Some(&pcm), false);
+        let c = audio(
+            Format::Binary,
+            0x01020304,
+            Some(&pcm),
+            false,
+            &mut BytesMut::new(),
+        );
         let sent = c.pcm.as_ref().unwrap();
         assert_eq!(sent.as_ptr(), pcm.as_ptr(), "PCM must not be copied");
         let p = payload(&c);
         assert_eq!(p.len(), 8 + 1920);
         assert_eq!(&p[..8], &[1, 0, 0, 0, 4, 3, 2, 1]);
-        let end = audio(Format::Binary, 5, None, true);
+        let end = audio(Format::Binary, 5, None, true, &mut BytesMut::new());
         assert_eq!(payload(&end), vec![1, 1, 0, 0, 5, 0, 0, 0]);
     }
 

@@ -23,8 +23,9 @@ use crate::config::{Config, Pacing};
 use crate::metrics::Metrics;
 use crate::pacer::Pacer;
 use crate::protocol::Format;
+use crate::registry::{start_discovery_with, Discovery, DiscoveryConfig};
 use crate::session::{Options, Session};
-use crate::upstream::{Upstream, WorkerHealth};
+use crate::upstream::{HealthBook, Upstream};
 use crate::ws::chunk::Chunk;
 use crate::ws::codec::{Decoder, Inbound};
 use crate::ws::handshake::{self, Parsed};
@@ -33,7 +34,10 @@ use crate::ws::handshake::{self, Parsed};
 pub struct Shared {
     pub config: Config,
     pub metrics: Metrics,
-    pub workers: Vec<Arc<WorkerHealth>>,
+    /// Reachability of every known worker.
+    pub book: Arc<HealthBook>,
+    /// The registry reader, when `--redis` is set.
+    pub discovery: Option<Arc<Discovery>>,
     /// Open WebSocket sessions across all cores (for `--max-connections`).
     pub connections: AtomicUsize,
     shutdown: watch::Receiver<bool>,
@@ -46,29 +50,40 @@ pub struct Core {
     pub sessions: RefCell<Slab<Rc<Session>>>,
     pub pacer: Pacer,
     pub upstream: Upstream,
+    /// Buffer JSON audio frames are encoded into (see [`crate::protocol::audio`]).
+    pub json_arena: RefCell<bytes::BytesMut>,
 }
 
 impl Shared {
     /// Shared state for a new orchestrator, and the sender that triggers its shutdown.
-    pub fn new(config: Config) -> (Arc<Self>, watch::Sender<bool>) {
+    pub fn new(config: Config) -> anyhow::Result<(Arc<Self>, watch::Sender<bool>)> {
         let (tx, rx) = watch::channel(false);
+        let discovery = match &config.discovery.redis {
+            Some(url) => {
+                let d = &config.discovery;
+                let cfg = DiscoveryConfig {
+                    prefix: d.registry_prefix.clone(),
+                    interval: Duration::from_millis(d.discovery_interval_ms.max(10)),
+                    max_age: Duration::from_secs(d.registry_ttl.max(1)),
+                    ..DiscoveryConfig::new(url.clone())
+                };
+                Some(start_discovery_with(cfg).context("cannot start worker discovery")?)
+            }
+            None => None,
+        };
+        let book = Arc::new(HealthBook::default());
+        for w in &config.workers {
+            book.get(w);
+        }
         let shared = Arc::new(Shared {
-            workers: config
-                .workers
-                .iter()
-                .map(|addr| {
-                    Arc::new(WorkerHealth {
-                        addr: addr.clone(),
-                        reachable: false.into(),
-                    })
-                })
-                .collect(),
+            book,
+            discovery,
             metrics: Metrics::new(config.cores),
             connections: AtomicUsize::new(0),
             shutdown: rx,
             config,
         });
-        (shared, tx)
+        Ok((shared, tx))
     }
 }
 
@@ -77,9 +92,14 @@ impl Core {
     pub fn new(index: usize, shared: Arc<Shared>) -> std::io::Result<Rc<Self>> {
         Ok(Rc::new(Core {
             index,
-            upstream: Upstream::new(&shared.workers),
+            upstream: Upstream::new(
+                &shared.config.workers,
+                shared.discovery.clone(),
+                shared.book.clone(),
+            ),
             pacer: Pacer::new()?,
             sessions: RefCell::new(Slab::new()),
+            json_arena: RefCell::new(bytes::BytesMut::new()),
             shared,
         }))
     }
@@ -101,7 +121,7 @@ impl Orchestrator {
     pub fn start(config: Config) -> anyhow::Result<Self> {
         let listeners = bind(config.listen, config.cores)?;
         let addr = listeners[0].local_addr()?;
-        let (shared, tx) = Shared::new(config);
+        let (shared, tx) = Shared::new(config)?;
         let mut threads = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -136,13 +156,16 @@ impl Orchestrator {
     }
 }
 
-/// One `SO_REUSEPORT` listener per core. A plain bind first detects a port that another
-/// program already holds (with `SO_REUSEPORT` alone, two duplex processes would silently
-/// share a port).
+/// One `SO_REUSEPORT` listener per core. A bind without `SO_REUSEPORT` first detects a port
+/// that another program already listens on (with `SO_REUSEPORT` alone, two duplex processes
+/// would silently share a port).
 fn bind(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<StdListener>> {
     use socket2::{Domain, Socket, Type};
     let fail = |e: std::io::Error| anyhow::anyhow!("cannot listen on {addr}: {e}");
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+    // SO_REUSEADDR (not REUSEPORT): TIME_WAIT leftovers of a previous run are fine, a live
+    // listener is not.
+    probe.set_reuse_address(true).map_err(fail)?;
     probe.bind(&addr.into()).map_err(fail)?;
     drop(probe);
     let mut out = Vec::with_capacity(cores);
@@ -244,7 +267,8 @@ async fn pacer_loop(core: Rc<Core>) {
 /// restarted worker is reconnected before a client needs it.
 async fn probe_loop(core: Rc<Core>) {
     loop {
-        for i in 0..core.upstream.len() {
+        core.upstream.sync();
+        for i in (0..core.upstream.len()).filter(|&i| core.upstream.is_listed(i)) {
             let result = match core.upstream.client(i).await {
                 Ok(c) => crate::upstream::probe(&c).await,
                 Err(e) => Err(e),

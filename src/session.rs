@@ -443,7 +443,7 @@ impl Session {
             let worker = match st.worker {
                 Some(w) => w,
                 None => {
-                    let w = upstream.pick().ok_or((
+                    let w = upstream.pick(&self.opts.model).ok_or((
                         ErrorCode::WorkerUnavailable,
                         "no TTS worker is configured".to_string(),
                     ))?;
@@ -499,13 +499,18 @@ impl Session {
             }
         }
         self.on_worker_done(generation);
+        // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:
+        // a worker that never sends them must not keep this task alive).
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
     }
 
     /// After a worker failure the next utterance chooses again and re-registers the session.
     fn forget_worker(&self) {
         let mut st = self.state.borrow_mut();
-        st.worker = None;
+        if let Some(w) = st.worker.take() {
+            self.core.upstream.release(w);
+        }
         st.worker_session = false;
         st.control = None;
     }
@@ -641,7 +646,13 @@ impl Session {
                 break;
             };
             u.sent += 1;
-            let chunks = protocol::audio(self.opts.format, u.sent, Some(&pcm), false);
+            let chunks = protocol::audio(
+                self.opts.format,
+                u.sent,
+                Some(&pcm),
+                false,
+                &mut self.core.json_arena.borrow_mut(),
+            );
             self.send_chunks(chunks);
             self.core.shared.metrics.frames_sent.inc();
             if u.sent == 1 {
@@ -678,7 +689,13 @@ impl Session {
     }
 
     fn send_end_marker(&self, sequence: u32) {
-        self.send_chunks(protocol::audio(self.opts.format, sequence, None, true));
+        self.send_chunks(protocol::audio(
+            self.opts.format,
+            sequence,
+            None,
+            true,
+            &mut self.core.json_arena.borrow_mut(),
+        ));
     }
 
     fn start_next(self: &Rc<Self>) {
@@ -703,6 +720,9 @@ impl Session {
             t.abort();
         }
         st.control = None;
+        if let Some(w) = st.worker {
+            self.core.upstream.release(w);
+        }
         let worker = st.worker.filter(|_| st.worker_session);
         drop(st);
         if let Some(worker) = worker {

@@ -7,21 +7,16 @@
 //! if that choice changes.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::grpc::{Client, ClientOptions, RequestSink, ResponseStream, Status};
+use crate::grpc::tts::TtsClient;
+use crate::grpc::{ClientOptions, RequestSink, ResponseStream, Status};
 use crate::proto;
-
-/// gRPC method paths of `tts.TTSService`.
-pub mod path {
-    pub const START_SESSION: &str = "/tts.TTSService/StartSession";
-    pub const END_SESSION: &str = "/tts.TTSService/EndSession";
-    pub const SYNTHESIZE: &str = "/tts.TTSService/Synthesize";
-    pub const CONTROL: &str = "/tts.TTSService/Control";
-    pub const GET_CAPABILITIES: &str = "/tts.TTSService/GetCapabilities";
-}
+use crate::registry::{choose, Candidate, Discovery, WorkerRecord};
 
 /// How long a worker that just failed is skipped when choosing one for a new utterance.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
@@ -29,96 +24,232 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 /// treated as unavailable rather than letting a client wait.
 pub const UNARY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Process-wide reachability of each configured worker, read by `/health`.
+/// Process-wide reachability of one worker, read by `/health` and by every core's choice.
 pub struct WorkerHealth {
     pub addr: String,
     pub reachable: AtomicBool,
 }
 
+/// Reachability of every worker this process has heard of, by `host:port`. Touched when a
+/// worker first appears and by `/health`, never per frame.
+#[derive(Default)]
+pub struct HealthBook {
+    workers: Mutex<HashMap<String, Arc<WorkerHealth>>>,
+}
+
+impl HealthBook {
+    /// The health cell of `addr`, created (unreachable until proven otherwise) if new.
+    pub fn get(&self, addr: &str) -> Arc<WorkerHealth> {
+        let mut map = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr.to_string())
+            .or_insert_with(|| {
+                Arc::new(WorkerHealth {
+                    addr: addr.to_string(),
+                    reachable: AtomicBool::new(false),
+                })
+            })
+            .clone()
+    }
+
+    /// Whether `addr` answered its last probe.
+    pub fn reachable(&self, addr: &str) -> bool {
+        let map = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(addr)
+            .is_some_and(|h| h.reachable.load(Ordering::Relaxed))
+    }
+}
+
 /// One worker as seen from one core.
 struct Target {
     addr: String,
-    client: RefCell<Option<Client>>,
+    client: RefCell<Option<TtsClient>>,
     failed_at: Cell<Option<Instant>>,
     health: Arc<WorkerHealth>,
+    /// Static (`--worker`) or present in the latest registry snapshot; unlisted targets keep
+    /// serving the sessions already on them but get no new ones.
+    listed: Cell<bool>,
+    is_static: bool,
+    /// The worker's registry record (models, languages, load), if discovered.
+    record: RefCell<Option<Rc<WorkerRecord>>>,
+    /// Sessions of this core using the worker (part of its load).
+    in_flight: Cell<u32>,
 }
 
 /// The core's worker connections.
 pub struct Upstream {
-    targets: Vec<Target>,
-    next: Cell<usize>,
+    /// Indexes are stable for the process lifetime (sessions hold them); never removed.
+    targets: RefCell<Vec<Target>>,
+    discovery: Option<Arc<Discovery>>,
+    book: Arc<HealthBook>,
+    seen_version: Cell<u64>,
     options: ClientOptions,
+    picks: Cell<u64>,
 }
 
 impl Upstream {
-    pub fn new(health: &[Arc<WorkerHealth>]) -> Self {
-        Self {
-            targets: health
-                .iter()
-                .map(|h| Target {
-                    addr: h.addr.clone(),
-                    client: RefCell::new(None),
-                    failed_at: Cell::new(None),
-                    health: h.clone(),
-                })
-                .collect(),
-            next: Cell::new(0),
+    /// `statics`: `--worker` addresses; `discovery`: the process's registry reader, if any.
+    pub fn new(
+        statics: &[String],
+        discovery: Option<Arc<Discovery>>,
+        book: Arc<HealthBook>,
+    ) -> Self {
+        let up = Self {
+            targets: RefCell::new(Vec::new()),
+            discovery,
+            book,
+            seen_version: Cell::new(0),
             options: ClientOptions::default(),
+            picks: Cell::new(0),
+        };
+        for addr in statics {
+            up.add_target(addr, true);
+        }
+        up
+    }
+
+    fn add_target(&self, addr: &str, is_static: bool) -> usize {
+        let mut targets = self.targets.borrow_mut();
+        targets.push(Target {
+            addr: addr.to_string(),
+            client: RefCell::new(None),
+            failed_at: Cell::new(None),
+            health: self.book.get(addr),
+            listed: Cell::new(true),
+            is_static,
+            record: RefCell::new(None),
+            in_flight: Cell::new(0),
+        });
+        targets.len() - 1
+    }
+
+    /// Applies a new registry snapshot, if there is one: new workers become targets, vanished
+    /// ones stop getting new sessions, records (models, load) are refreshed.
+    pub fn sync(&self) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let snap = discovery.snapshot();
+        if snap.version == self.seen_version.get() {
+            return;
+        }
+        self.seen_version.set(snap.version);
+        let mut present = Vec::with_capacity(snap.workers.len());
+        for rec in &snap.workers {
+            let Some(addr) = rec.authority() else {
+                continue;
+            };
+            let existing = self.targets.borrow().iter().position(|t| t.addr == addr);
+            let i = existing.unwrap_or_else(|| {
+                tracing::info!(worker = %rec.name, %addr, "discovered worker");
+                self.add_target(addr, false)
+            });
+            *self.targets.borrow()[i].record.borrow_mut() = Some(Rc::new(rec.clone()));
+            present.push(i);
+        }
+        for (i, t) in self.targets.borrow().iter().enumerate() {
+            let listed = t.is_static || present.contains(&i);
+            if t.listed.get() && !listed {
+                tracing::info!(addr = %t.addr, "worker left the registry");
+            }
+            t.listed.set(listed);
         }
     }
 
-    /// Number of configured workers.
+    /// Number of targets ever known to this core.
     pub fn len(&self) -> usize {
-        self.targets.len()
+        self.targets.borrow().len()
     }
 
-    /// True when no worker is configured.
+    /// True when no worker is known.
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+        self.targets.borrow().is_empty()
     }
 
     /// Address of worker `i`.
-    pub fn addr(&self, i: usize) -> &str {
-        self.targets.get(i).map_or("?", |t| t.addr.as_str())
+    pub fn addr(&self, i: usize) -> String {
+        self.targets
+            .borrow()
+            .get(i)
+            .map_or_else(|| "?".to_string(), |t| t.addr.clone())
     }
 
-    /// Chooses a worker for a new session: round robin over those that have not failed
-    /// recently (all of them if every one has).
-    pub fn pick(&self) -> Option<usize> {
-        let n = self.targets.len();
-        if n == 0 {
+    /// Whether worker `i` is currently listed (static or in the registry).
+    pub fn is_listed(&self, i: usize) -> bool {
+        self.targets.borrow().get(i).is_some_and(|t| t.listed.get())
+    }
+
+    /// Chooses a worker for a new session (and counts the session against it): healthy
+    /// first, the requested model resident first, then the less loaded of two random
+    /// choices (registry `queue_depth` + this core's sessions on it). When none looks
+    /// healthy it still tries a listed one, so a restarted worker is found without waiting
+    /// for a probe.
+    pub fn pick(&self, model: &str) -> Option<usize> {
+        self.sync();
+        let targets = self.targets.borrow();
+        let now = Instant::now();
+        let listed: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].listed.get())
+            .collect();
+        if listed.is_empty() {
             return None;
         }
-        let start = self.next.get();
-        self.next.set((start + 1) % n);
-        let now = Instant::now();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| {
-                self.targets[i]
+        let records: Vec<_> = listed
+            .iter()
+            .map(|&i| targets[i].record.borrow().clone())
+            .collect();
+        let candidates: Vec<Candidate<'_>> = listed
+            .iter()
+            .zip(&records)
+            .map(|(&i, rec)| {
+                let t = &targets[i];
+                let recently_failed = t
                     .failed_at
                     .get()
-                    .is_none_or(|t| now.duration_since(t) > FAILURE_BACKOFF)
+                    .is_some_and(|f| now.duration_since(f) < FAILURE_BACKOFF);
+                let healthy = !recently_failed && t.health.reachable.load(Ordering::Relaxed);
+                match rec {
+                    Some(r) => Candidate::from_record(r.as_ref(), healthy, t.in_flight.get()),
+                    None => Candidate::from_static(&t.addr, healthy, t.in_flight.get()),
+                }
             })
-            .or(Some(start % n))
+            .collect();
+        let n = self.picks.get().wrapping_add(1);
+        self.picks.set(n);
+        let seed = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rand::random::<u64>();
+        let chosen = choose(&candidates, Some(model), None, seed)
+            .map(|c| listed[c])
+            .unwrap_or_else(|| listed[(n as usize) % listed.len()]);
+        let t = &targets[chosen];
+        t.in_flight.set(t.in_flight.get() + 1);
+        Some(chosen)
+    }
+
+    /// A session stopped using worker `i`.
+    pub fn release(&self, i: usize) {
+        if let Some(t) = self.targets.borrow().get(i) {
+            t.in_flight.set(t.in_flight.get().saturating_sub(1));
+        }
     }
 
     /// The live connection to worker `i`, connecting if there is none.
-    pub async fn client(&self, i: usize) -> Result<Client, Status> {
-        let target = self
-            .targets
-            .get(i)
-            .ok_or_else(|| Status::unavailable("no such worker"))?;
-        if let Some(c) = target.client.borrow().as_ref() {
-            if !c.is_closed() {
-                return Ok(c.clone());
+    pub async fn client(&self, i: usize) -> Result<TtsClient, Status> {
+        let addr = {
+            let targets = self.targets.borrow();
+            let target = targets
+                .get(i)
+                .ok_or_else(|| Status::unavailable("no such worker"))?;
+            if let Some(c) = target.client.borrow().as_ref() {
+                if !c.is_closed() {
+                    return Ok(c.clone());
+                }
             }
-        }
-        match Client::connect(&target.addr, &self.options).await {
+            target.addr.clone()
+        };
+        match TtsClient::connect(&addr, &self.options).await {
             Ok(c) => {
-                *target.client.borrow_mut() = Some(c.clone());
-                target.failed_at.set(None);
-                target.health.reachable.store(true, Ordering::Relaxed);
+                if let Some(t) = self.targets.borrow().get(i) {
+                    *t.client.borrow_mut() = Some(c.clone());
+                }
                 Ok(c)
             }
             Err(e) => {
@@ -131,7 +262,7 @@ impl Upstream {
     /// Records that worker `i` failed: new sessions avoid it for a while and its connection
     /// is rebuilt on next use.
     pub fn mark_failed(&self, i: usize) {
-        if let Some(t) = self.targets.get(i) {
+        if let Some(t) = self.targets.borrow().get(i) {
             t.failed_at.set(Some(Instant::now()));
             t.health.reachable.store(false, Ordering::Relaxed);
             if t.client.borrow().as_ref().is_some_and(|c| c.is_closed()) {
@@ -142,7 +273,7 @@ impl Upstream {
 
     /// Records a successful probe of worker `i`.
     pub fn mark_ok(&self, i: usize) {
-        if let Some(t) = self.targets.get(i) {
+        if let Some(t) = self.targets.borrow().get(i) {
             t.failed_at.set(None);
             t.health.reachable.store(true, Ordering::Relaxed);
         }
@@ -150,15 +281,17 @@ impl Upstream {
 }
 
 /// Registers the session on the worker (required before Synthesize).
-pub async fn start_session(client: &Client, session_id: &str, model: &str) -> Result<(), Status> {
+pub async fn start_session(
+    client: &TtsClient,
+    session_id: &str,
+    model: &str,
+) -> Result<(), Status> {
     let req = proto::StartSessionRequest {
         session_id: session_id.to_string(),
         model_id: model.to_string(),
         options: Default::default(),
     };
-    let resp: proto::StartSessionResponse = client
-        .unary(path::START_SESSION, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    let resp = client.start_session(&req, Some(UNARY_TIMEOUT)).await?;
     if resp.success {
         Ok(())
     } else {
@@ -171,7 +304,7 @@ pub async fn start_session(client: &Client, session_id: &str, model: &str) -> Re
 
 /// Opens the bidirectional synthesis stream.
 pub async fn synthesize(
-    client: &Client,
+    client: &TtsClient,
 ) -> Result<
     (
         RequestSink<proto::TextChunk>,
@@ -179,12 +312,12 @@ pub async fn synthesize(
     ),
     Status,
 > {
-    client.streaming(path::SYNTHESIZE, None).await
+    client.synthesize(None).await
 }
 
 /// Sends a playback command for the session's current synthesis.
 pub async fn control(
-    client: &Client,
+    client: &TtsClient,
     session_id: &str,
     command: proto::ControlCommand,
 ) -> Result<(), Status> {
@@ -192,31 +325,23 @@ pub async fn control(
         session_id: session_id.to_string(),
         command: command as i32,
     };
-    let _: proto::ControlResponse = client
-        .unary(path::CONTROL, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    client.control(&req, Some(UNARY_TIMEOUT)).await?;
     Ok(())
 }
 
 /// Releases the session on the worker.
-pub async fn end_session(client: &Client, session_id: &str) -> Result<(), Status> {
+pub async fn end_session(client: &TtsClient, session_id: &str) -> Result<(), Status> {
     let req = proto::EndSessionRequest {
         session_id: session_id.to_string(),
     };
-    let _: proto::EndSessionResponse = client
-        .unary(path::END_SESSION, &req, Some(UNARY_TIMEOUT))
-        .await?;
+    client.end_session(&req, Some(UNARY_TIMEOUT)).await?;
     Ok(())
 }
 
 /// Liveness probe (GetCapabilities answers at once on a healthy worker).
-pub async fn probe(client: &Client) -> Result<(), Status> {
-    let _: proto::GetCapabilitiesResponse = client
-        .unary(
-            path::GET_CAPABILITIES,
-            &proto::GetCapabilitiesRequest {},
-            Some(Duration::from_secs(1)),
-        )
+pub async fn probe(client: &TtsClient) -> Result<(), Status> {
+    client
+        .get_capabilities(Some(Duration::from_secs(1)))
         .await?;
     Ok(())
 }

@@ -59,7 +59,7 @@ fn args() -> OrchestratorArgs {
 /// Drives `frames` frames through a session and returns (allocations, last batch).
 fn forward(format: Format, frames: usize) -> (usize, Vec<Chunk>, Bytes) {
     let config = Config::new("127.0.0.1:0", &[], &args()).unwrap();
-    let (shared, _tx) = Shared::new(config);
+    let (shared, _tx) = Shared::new(config).unwrap();
     tokio_uring::start(async move {
         let core = Core::new(0, shared).unwrap();
         let opts = Options {

@@ -84,6 +84,19 @@ pub struct WorkerArgs {
     /// Speak with the mock only, even if espeak-ng is installed.
     #[arg(long)]
     pub no_espeak: bool,
+    /// Register in this Redis (`redis://host:port`) so orchestrators discover the worker.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Address orchestrators dial (`grpc://host:port`); default: the bound address, with a
+    /// wildcard host replaced by this host's name.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Registry record TTL in seconds; the record is rewritten every third of it.
+    #[arg(long, default_value_t = 30)]
+    pub registry_ttl: u64,
+    /// Registry key prefix (the key is prefix + name).
+    #[arg(long, default_value = "worker:")]
+    pub registry_prefix: String,
 }
 
 impl Default for WorkerArgs {
@@ -101,6 +114,10 @@ impl Default for WorkerArgs {
             max_resident_models: models::DEFAULT_MAX_RESIDENT,
             espeak_binary: espeak::DEFAULT_BINARY.to_owned(),
             no_espeak: false,
+            redis: None,
+            advertise: None,
+            registry_ttl: 30,
+            registry_prefix: "worker:".to_owned(),
         }
     }
 }
@@ -216,7 +233,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             default_model = %service.models().default_model(),
             "worker listening on {addr}"
         );
+        let registration = register(&args, addr, &service)?;
         serve(listener, service, ServerConfig::default(), shutdown).await;
+        if let Some(r) = registration {
+            // Deleting the record tells orchestrators at once instead of after the TTL.
+            if let Err(e) = r.shutdown().await {
+                tracing::warn!(error = %e, "could not delete the registry record");
+            }
+        }
         info!("worker stopped");
         anyhow::Ok(())
     })?;
@@ -226,6 +250,39 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
 /// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
 /// so a failure is reported before the worker starts serving.
+/// Starts the Redis heartbeat when `--redis` is given. Each beat publishes the worker's own
+/// `GetCapabilities` answer, so the registry and the gRPC probe always agree.
+fn register(
+    args: &WorkerArgs,
+    bound: SocketAddr,
+    service: &Arc<TtsService>,
+) -> anyhow::Result<Option<crate::registry::Registration>> {
+    use crate::registry::{spawn_registration, RegistrationConfig, WorkerRecord};
+    let Some(url) = &args.redis else {
+        return Ok(None);
+    };
+    let advertise = match &args.advertise {
+        Some(a) if a.starts_with("grpc://") => a.clone(),
+        Some(a) => anyhow::bail!("--advertise must look like grpc://HOST:PORT, got '{a}'"),
+        None if bound.ip().is_unspecified() => {
+            let host = default_name();
+            let host = host.strip_prefix("worker-").unwrap_or("localhost");
+            format!("grpc://{host}:{}", bound.port())
+        }
+        None => format!("grpc://{bound}"),
+    };
+    let mut cfg = RegistrationConfig::new(url.clone(), args.name.clone());
+    cfg.prefix = args.registry_prefix.clone();
+    cfg.ttl = Duration::from_secs(args.registry_ttl);
+    let service = service.clone();
+    let registration = spawn_registration(cfg, move || {
+        WorkerRecord::from_capabilities(advertise.clone(), &service.capabilities())
+    })
+    .context("cannot start the registry heartbeat")?;
+    info!(key = registration.key(), "registering in Redis");
+    Ok(Some(registration))
+}
+
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;

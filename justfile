@@ -1,0 +1,64 @@
+# duplex task runner (https://github.com/casey/just). Every recipe is a plain command you can
+# also copy into a shell; `just --list` shows them with these comments.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# The worker `just serve` talks to; override with DUPLEX_WORKER=grpc://host:port.
+worker_url := env_var_or_default("DUPLEX_WORKER", "grpc://127.0.0.1:7001")
+
+# Show the recipes.
+default:
+    @just --list
+
+# Orchestrator + mock worker in one process on 127.0.0.1:8080: hear audio with one command.
+demo *ARGS:
+    cargo run --release -- demo {{ARGS}}
+
+# Orchestrator on 0.0.0.0:8080 in front of a worker (start one with `just worker`).
+serve *ARGS:
+    cargo run --release -- serve --listen 0.0.0.0:8080 --worker {{worker_url}} {{ARGS}}
+
+# Mock TTS worker (gRPC) on 0.0.0.0:7001.
+worker *ARGS:
+    cargo run --release -- worker --listen 0.0.0.0:7001 {{ARGS}}
+
+# Fast feedback: unit tests only (library and binary), no processes spawned.
+test:
+    cargo test --lib --bins
+
+# End-to-end tests in tests/: spawn the real binary on loopback.
+test-integration:
+    cargo test --tests
+
+# The performance suite (load generator + report).
+test-performance *ARGS:
+    cargo run --release -- bench {{ARGS}}
+
+# Same as test-performance.
+bench *ARGS:
+    cargo run --release -- bench {{ARGS}}
+
+# A throwaway local Redis on port 6380 (for registry/discovery work).
+redis:
+    redis-server --port 6380 --save "" --appendonly no --daemonize yes
+
+# Stop the local Redis started by `just redis`.
+redis-stop:
+    redis-cli -p 6380 shutdown nosave
+
+# Worker + orchestrator + Redis in containers (docker-compose.yml).
+docker-up:
+    docker compose up --build -d
+
+# Stop and remove the containers.
+docker-down:
+    docker compose down
+
+# Formatting and lints, exactly as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets -- -D warnings
+
+# Everything CI runs: lint, build, all tests, benchmark smoke test.
+ci:
+    scripts/test-all.sh
