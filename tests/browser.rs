@@ -233,4 +233,22 @@ async fn drive(c: &Client, demo_port: u16) {
     let path = screenshot_path();
     std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot: {}", path.display());
+
+    // Speak again and Stop: the counter stops for good and the state says so.
+    click(c, "speak").await;
+    wait_for(c, "the second utterance to play", |c| async move {
+        text_of(&c, "state").await == "speaking" && frames(&c).await > 5
+    })
+    .await;
+    click(c, "stop").await;
+    assert_eq!(text_of(c, "state").await, "stopped");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_stop = frames(c).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(frames(c).await, at_stop, "frames after Stop");
+    assert!(
+        at_stop < total,
+        "stopped before the end: {at_stop} of {total}"
+    );
+    assert_eq!(text_of(c, "state").await, "stopped");
 }

@@ -307,7 +307,9 @@ impl Session {
 }
 
 async fn connect(url: &str) -> anyhow::Result<(Ws, Value)> {
-    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+    // TCP_NODELAY: control messages must leave at once (and FAL is measured from the send).
+    let connecting = tokio_tungstenite::connect_async_with_config(url, None, true);
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| anyhow::anyhow!("cannot connect to {url}: timed out"))?
         .with_context(|| format!("cannot connect to {url}"))?;

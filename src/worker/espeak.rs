@@ -270,8 +270,6 @@ impl VoiceRuntime {
                 .spawn()
                 .map_err(|e| EspeakError::Synthesis(format!("cannot start espeak-ng: {e}")))?,
         };
-        // The next clause (of any session) finds a warm process again.
-        self.refill();
         let mut stdin = child
             .stdin
             .take()
@@ -286,6 +284,9 @@ impl VoiceRuntime {
             .map_err(|e| EspeakError::Synthesis(format!("cannot write to espeak-ng: {e}")))?;
         // Closing stdin is what makes espeak-ng start (it reads until end of input).
         drop(stdin);
+        // Only now (this clause is already under way): the next clause, of any session,
+        // finds a warm process again.
+        self.refill();
         Ok(ClauseProcess { child, stdout })
     }
 

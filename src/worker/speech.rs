@@ -67,6 +67,8 @@ pub async fn run(
         resampled: Vec::new(),
         busy_since: None,
         metrics,
+        call_started: Instant::now(),
+        first_frame_after: None,
     };
     s.add_chunk(first);
     let mut control = ControlState::default();
@@ -132,6 +134,12 @@ pub async fn run(
             }
         }
     }
+    tracing::debug!(
+        session = %s.session_id,
+        first_frame_ms = s.first_frame_after.map(|d| d.as_secs_f64() * 1000.0),
+        frames = s.sequence,
+        "speech ended"
+    );
     Ok((s.sequence, control.stopped))
 }
 
@@ -170,6 +178,9 @@ struct Speech<'a> {
     resampled: Vec<i16>,
     busy_since: Option<Instant>,
     metrics: &'a WorkerMetrics,
+    call_started: Instant,
+    /// When the first frame left (first-audio latency inside the worker).
+    first_frame_after: Option<Duration>,
 }
 
 impl Speech<'_> {
@@ -255,6 +266,9 @@ impl Speech<'_> {
 
     fn next_frame(&mut self) -> AudioFrame {
         let audio = self.ready.pop_front().unwrap_or_default();
+        if self.first_frame_after.is_none() {
+            self.first_frame_after = Some(self.call_started.elapsed());
+        }
         self.sequence += 1;
         let now = Instant::now();
         let busy = self.busy_since.map_or(Duration::ZERO, |t| now - t);

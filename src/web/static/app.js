@@ -22,6 +22,7 @@ let player = null;
 let pending = []; // utterances sent and not ended: { sentAt, first }
 let frames = 0;
 let state = 'idle';
+let discarding = false; // after Stop: frames already in flight are dropped until the end marker
 
 function log(msg) {
   const t = new Date().toISOString().slice(11, 23);
@@ -142,6 +143,10 @@ function onAudio(buf) {
     return;
   }
   const final = (dv.getUint8(1) & 1) === 1;
+  if (discarding) {
+    if (final) discarding = false;
+    return;
+  }
   if (buf.byteLength > 8) {
     const cur = pending[0];
     if (cur && cur.first === null) {
@@ -200,6 +205,7 @@ buttons.speak.addEventListener('click', async () => {
       if (ws) ws.close();
       ws = null;
       pending = [];
+      discarding = false;
       setState('connecting');
       ws = await connect(model);
       wsModel = model;
@@ -236,6 +242,7 @@ buttons.resume.addEventListener('click', () => {
 buttons.stop.addEventListener('click', () => {
   send({ type: 'control', command: 'STOP' });
   if (player) player.port.postMessage({ type: 'flush' });
+  discarding = pending.length > 0;
   pending = [];
   setState('stopped');
 });
