@@ -48,9 +48,18 @@ function sleep(ms) {
 
 // Audio is optional: without it (no AudioWorklet outside a secure context, no output device)
 // the page still receives and counts frames, and says why it is silent.
+let audioProblem = ''; // why there is no playback, if there is none
+
+function reportAudioState() {
+  if (!player) note(audioProblem);
+  else if (ctx.state === 'running') note('');
+  else note('The browser keeps audio suspended (no output device, or autoplay blocked); frames are still received and counted.');
+}
+
 async function ensureAudio() {
   if (ctx) {
     if (ctx.state === 'suspended') await Promise.race([ctx.resume(), sleep(300)]).catch(() => {});
+    reportAudioState();
     return;
   }
   try {
@@ -67,9 +76,12 @@ async function ensureAudio() {
     player.connect(ctx.destination);
     await Promise.race([ctx.resume(), sleep(300)]);
     log(`audio: ${ctx.sampleRate} Hz, ${JITTER_MS} ms jitter buffer, context ${ctx.state}`);
+    ctx.addEventListener('statechange', reportAudioState);
+    reportAudioState();
   } catch (e) {
     player = null;
-    note(`No audio playback (${e.message}); frames are still received and counted.`);
+    audioProblem = `No audio playback (${e.message}); frames are still received and counted.`;
+    note(audioProblem);
     log(`audio unavailable: ${e.message}`);
   }
 }
