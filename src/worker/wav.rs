@@ -5,8 +5,9 @@
 //! arrives lets the first frame leave before the clause is finished; the data chunk simply
 //! runs to the end of the stream, whatever its header claims.
 
-/// Refuse headers larger than this (a real one is 44 bytes; extra chunks are small).
-const MAX_HEADER_BYTES: usize = 4096;
+/// Headers larger than this are refused (a real one is 44 bytes; extra chunks are small), so
+/// a broken stream cannot make the reader buffer without bound.
+pub const MAX_HEADER_BYTES: usize = 4096;
 
 /// Why a stream is not the WAV we can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
