@@ -77,13 +77,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let mut config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
             config.discovery = args.discovery;
+            // Handlers first: a SIGTERM right after "listening" must be a clean shutdown.
+            let signals = Signals::install()?;
             let orchestrator = crate::runtime::Orchestrator::start(config)?;
-            wait_for_signal()?;
+            signals.wait();
             tracing::info!("shutting down");
             orchestrator.shutdown();
             Ok(())
         }
         Command::Demo(mut args) => {
+            let signals = Signals::install()?;
             // [speech] Real speech by default: the espeak voice when espeak-ng is installed and
             // --model was not given; the chosen voice is preloaded so the first text is warm.
             let voice = demo_voice(&mut args);
@@ -119,7 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("  try: duplex say \"Hello world\" --url ws://{addr}/ --out hello.wav");
             println!("  health: http://{addr}/health   metrics: http://{addr}/metrics");
-            wait_for_signal()?;
+            signals.wait();
             orchestrator.shutdown();
             worker.shutdown();
             Ok(())
@@ -181,8 +184,10 @@ fn model_flag_given() -> bool {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests calling `run` twice) is harmless, so its error is ignored.
     let _ = match format {
@@ -191,19 +196,36 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+/// SIGINT/SIGTERM handlers, installed before anything starts listening so that a signal
+/// arriving right after start-up is a clean shutdown rather than the default kill.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok(())
-    })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, int) = rt.block_on(async {
+            anyhow::Ok((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        Ok(Self { rt, term, int })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        });
+    }
 }

@@ -415,6 +415,7 @@ async fn run_session(core: &Rc<Core>, stream: TcpStream, opts: Options, leftover
         "frame_ms": crate::audio::FRAME_MS,
         "protocol": 1,
     }));
+    session.attach_socket(stream.clone());
     let writer = tokio_uring::spawn(writer(session.clone(), stream.clone()));
     if shared.config.idle_timeout.is_some() || shared.config.max_session.is_some() {
         session.own_task(tokio_uring::spawn(watchdog(session.clone())));

@@ -27,6 +27,16 @@ use crate::runtime::Core;
 use crate::upstream;
 use crate::ws::chunk::Chunk;
 
+/// Most bytes queued for a client before it counts as not reading and is dropped: ~20 s of
+/// JSON audio, far beyond any network hiccup a live listener survives.
+pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+
+/// Most frames buffered ahead of playback before the synthesis task stops reading the
+/// worker's stream (10 s of audio). HTTP/2 flow control then holds the worker back, so a
+/// worker far faster than real time, or one that ignores PAUSE, can't grow a session's memory
+/// without bound.
+pub const MAX_AHEAD_FRAMES: usize = 500;
+
 /// Length of one frame's slot.
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
 
@@ -124,6 +134,8 @@ struct State {
 #[derive(Default)]
 struct Out {
     chunks: VecDeque<Chunk>,
+    /// Bytes in `chunks`.
+    bytes: usize,
     /// No more data will be queued; the writer closes the socket once drained.
     closing: bool,
     /// The socket is gone; drop whatever is queued.
@@ -140,6 +152,9 @@ pub struct Session {
     state: RefCell<State>,
     out: RefCell<Out>,
     out_ready: Notify,
+    /// Woken when playback drains the frame queue below [`MAX_AHEAD_FRAMES`].
+    drained: Notify,
+    socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     started: Instant,
     last_activity: std::cell::Cell<Instant>,
 }
@@ -157,6 +172,8 @@ impl Session {
             state: RefCell::new(State::default()),
             out: RefCell::new(Out::default()),
             out_ready: Notify::new(),
+            drained: Notify::new(),
+            socket: RefCell::new(None),
             started: now,
             last_activity: std::cell::Cell::new(now),
         }
@@ -170,9 +187,31 @@ impl Session {
         if out.dead || out.closing {
             return;
         }
+        out.bytes += chunk.len();
         out.chunks.push_back(Chunk::Shared(chunk));
+        self.after_queue(out);
+    }
+
+    /// Wakes the writer, or drops a client that stopped reading: its queue would otherwise
+    /// grow without bound (realtime audio keeps coming) and eat memory every other session
+    /// needs.
+    fn after_queue(&self, out: std::cell::RefMut<'_, Out>) {
+        let too_much = out.bytes > MAX_QUEUED_BYTES;
         drop(out);
+        if too_much {
+            tracing::warn!(parent: &self.span, limit = MAX_QUEUED_BYTES,
+                "client is not reading its audio; dropping the connection");
+            self.output_dead();
+            if let Some(socket) = self.socket.borrow().as_ref() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
         self.out_ready.notify_one();
+    }
+
+    /// Gives the session its socket, so it can cut off a client that stops reading.
+    pub fn attach_socket(&self, socket: Rc<tokio_uring::net::TcpStream>) {
+        *self.socket.borrow_mut() = Some(socket);
     }
 
     /// Queues a JSON event (session_start, interrupted, ...).
@@ -201,7 +240,10 @@ impl Session {
             return true;
         }
         let n = out.chunks.len().min(max);
+        let start = batch.len();
         batch.extend(out.chunks.drain(..n));
+        let taken: usize = batch[start..].iter().map(Chunk::len).sum();
+        out.bytes -= taken.min(out.bytes);
         batch.is_empty() && out.closing
     }
 
@@ -215,6 +257,7 @@ impl Session {
         let mut out = self.out.borrow_mut();
         out.dead = true;
         out.chunks.clear();
+        out.bytes = 0;
     }
 
     /// Server-initiated end: `session_end`, a close frame, then the writer closes the socket.
@@ -472,6 +515,9 @@ impl Session {
             return Ok(());
         }
         loop {
+            while self.frames_ahead(generation) >= MAX_AHEAD_FRAMES {
+                self.drained.notified().await;
+            }
             match stream.message().await {
                 Ok(Some(frame)) => {
                     if frame.audio_data.is_empty() && !frame.is_final {
@@ -503,6 +549,16 @@ impl Session {
         // a worker that never sends them must not keep this task alive).
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
+    }
+
+    /// Frames of utterance `generation` waiting to be played.
+    fn frames_ahead(&self, generation: u64) -> usize {
+        self.state
+            .borrow()
+            .current
+            .as_ref()
+            .filter(|u| u.generation == generation)
+            .map_or(0, |u| u.frames.len())
     }
 
     /// After a worker failure the next utterance chooses again and re-registers the session.
@@ -548,7 +604,8 @@ impl Session {
         let was_empty = u.frames.is_empty();
         u.frames.push_back(pcm);
         if self.opts.pacing == Pacing::Realtime && was_empty && !paused {
-            if let Some(due) = u.due(self.core.shared.config.lead) {
+            // Late means after the frame's own slot; `--lead-ms` only lets frames go early.
+            if let Some(due) = u.due(Duration::ZERO) {
                 if now > due {
                     // Late: send at once and re-anchor so the lateness doesn't bunch the next
                     // frames together.
@@ -645,6 +702,9 @@ impl Session {
             let Some(pcm) = u.frames.pop_front() else {
                 break;
             };
+            if u.frames.len() + 1 == MAX_AHEAD_FRAMES {
+                self.drained.notify_one();
+            }
             u.sent += 1;
             let chunks = protocol::audio(
                 self.opts.format,
@@ -680,12 +740,13 @@ impl Session {
         if out.dead || out.closing {
             return;
         }
+        out.bytes += chunks.head.len();
         out.chunks.push_back(chunks.head);
         if let Some(pcm) = chunks.pcm {
+            out.bytes += pcm.len();
             out.chunks.push_back(Chunk::Shared(pcm));
         }
-        drop(out);
-        self.out_ready.notify_one();
+        self.after_queue(out);
     }
 
     fn send_end_marker(&self, sequence: u32) {

@@ -349,3 +349,33 @@ async fn stop_in_binary_format_sends_json_interrupted_and_a_binary_end_marker() 
     );
     assert_eq!(ev[0]["sequence"], last, "{}", ev[0]);
 }
+
+#[tokio::test]
+async fn a_worker_far_ahead_of_playback_is_held_back_by_flow_control() {
+    use duplex::grpc::tts::TtsClient;
+    use duplex::grpc::ClientOptions;
+    // The mock makes frames as fast as it can; 100 chunks = 2500 frames = 50 s of audio.
+    let stack = Stack::start(&["--mock-frame-interval-ms", "0"], &[]).await;
+    let mut c = stack.server.client("").await;
+    for _ in 0..99 {
+        c.send_json(&serde_json::json!({"type": "text", "text": "more", "is_final": false}))
+            .await;
+    }
+    c.send_json(&serde_json::json!({"type": "text", "text": "end", "is_final": true}))
+        .await;
+    c.read_frames(25, WAIT).await;
+    // Playback is at frame ~25 of 2500; the orchestrator buffers at most 500 frames ahead
+    // and HTTP/2 flow control (a 1 MiB stream window, ~530 frames) holds back the rest.
+    let worker = TtsClient::connect(&stack.worker.addr.to_string(), &ClientOptions::default())
+        .await
+        .expect("connect");
+    let caps = worker
+        .get_capabilities(Some(Duration::from_secs(2)))
+        .await
+        .expect("caps");
+    let made = caps.metrics.get("frames_total").copied().unwrap_or(-1.0);
+    assert!(
+        (0.0..1_500.0).contains(&made),
+        "worker produced {made} frames while the client heard ~25"
+    );
+}

@@ -335,3 +335,46 @@ async fn client_close_gets_a_close_reply_and_the_connection_ends() {
     }
     c.wait_tcp_eof(WAIT).await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
+    // Frames as fast as the worker can make them, forwarded at once: a client that never
+    // reads fills the kernel buffers, then the server's queue, until the server cuts it off.
+    let stack = Stack::start(&["--mock-frame-interval-ms", "0"], &[]).await;
+    let addr = stack.server.addr;
+    let mut stuck = stack.server.client("pacing=asap").await;
+    for _ in 0..399 {
+        stuck
+            .send_json(&serde_json::json!({"type": "text", "text": "more", "is_final": false}))
+            .await;
+    }
+    stuck
+        .send_json(&serde_json::json!({"type": "text", "text": "end", "is_final": true}))
+        .await;
+    // 400 chunks × 25 frames × ~2.6 KB ≈ 26 MB: far more than socket buffers plus the
+    // server's 4 MiB queue limit. A healthy session works meanwhile.
+    let mut ok = stack.server.client("pacing=asap").await;
+    ok.say("I am still here.").await;
+    ok.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = http_get(addr, "/metrics").await;
+        if metric_sum(&m.body, |n| n == "sessions_active") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the non-reading client was never dropped:\n{}",
+            stack.server.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stack.server.proc.logs().contains("not reading"));
+    ok.say("Still fine after the drop.").await;
+    ok.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+    drop(stuck);
+}

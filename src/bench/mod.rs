@@ -1,14 +1,306 @@
-//! `duplex bench`: the load generator and performance report. (placeholder: being written)
+//! `duplex bench`: the load generator and performance report.
+//!
+//! One command measures the seed's ten performance tests, barge-in, a scale sweep to thousands
+//! of streaming sessions and the physical floor, on our system (default: it starts its own
+//! worker and orchestrator from this binary) or on any server speaking the JSON protocol
+//! (`--url`, e.g. the Python system, for comparison runs).
+//!
+//! Layout: [`client`] is the timestamping WebSocket client, [`utterance`] the per-utterance
+//! measurement (the definitions), [`stats`] the histograms, [`procfs`] resource figures,
+//! [`stack`]/[`sut`] the system under test, [`floor`] the echo server for the floor, `scenarios`
+//! the thirteen scenarios, and [`report`] the tables and JSON.
+//!
+//! Exit status: non-zero only when correctness fails (frames lost, sequences wrong, end markers
+//! missing, a scenario could not run) — never because a speed target was missed.
+
+pub mod client;
+pub mod floor;
+pub mod procfs;
+pub mod report;
+mod scenarios;
+pub mod server_metrics;
+pub mod stack;
+pub mod stats;
+pub mod sut;
+pub mod utterance;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use report::{ScenarioReport, Status};
+use stats::Summary;
+use sut::Sut;
+
+/// Scenario names in the order they run. Stable: `--only`, the JSON report and CI use them.
+pub const SCENARIOS: &[&str] = &[
+    "floor",
+    "fal_single",
+    "fal_concurrent_3",
+    "fal_concurrent_10",
+    "frame_jitter",
+    "throughput",
+    "latency_percentiles",
+    "cold_start",
+    "frame_consistency",
+    "rapid_messages",
+    "long_session",
+    "barge_in",
+    "scale",
+];
+
+/// Audio format for the scale sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireFormat {
+    /// JSON text frames with base64 PCM.
+    Json,
+    /// Binary frames: 8-byte header + PCM.
+    Binary,
+}
 
 /// Flags of `duplex bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Run a short CI-sized pass.
+    /// Run a short CI-sized pass (< 60 s) that checks correctness only.
     #[arg(long)]
     pub quick: bool,
+    /// Run only these scenarios (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAME,...",
+        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
+    )]
+    pub only: Vec<String>,
+    /// Benchmark an already running server instead of starting our own.
+    #[arg(long, value_name = "ws://HOST:PORT/PATH")]
+    pub url: Option<String>,
+    /// With --url: the server's pid, for RSS/CPU figures from /proc.
+    #[arg(long, requires = "url")]
+    pub pid: Option<u32>,
+    /// Write the full report (every number, machine, definitions) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Extend the scale sweep beyond 2000 sessions up to N (doubling, then N).
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub max_sessions: u32,
+    /// Seconds each scale step is measured for (default 10, 1.5 with --quick).
+    #[arg(long, value_name = "SECS")]
+    pub scale_secs: Option<f64>,
+    /// Audio format of the scale sweep.
+    #[arg(long, value_enum, default_value_t = WireFormat::Binary)]
+    pub scale_format: WireFormat,
+    /// The duplex binary to start as worker and orchestrator (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: Option<PathBuf>,
+    /// Extra argument for the orchestrator we start (repeatable), e.g. --serve-arg=--cores=1.
+    #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
+    /// Extra argument for the worker we start (repeatable), e.g. --worker-arg=--name=bench.
+    #[arg(long = "worker-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// Directory for the spawned processes' logs (default: a temp directory).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
 }
 
-/// Runs the benchmark.
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not built yet")
+/// The state every scenario gets.
+pub(crate) struct Ctx {
+    /// The flags.
+    pub args: BenchArgs,
+    /// Where traffic goes.
+    pub sut: Sut,
+    /// The floor's round trip, once measured (FAL ratios are reported against it).
+    pub floor: Option<Summary>,
+}
+
+impl Ctx {
+    /// Picks the full or the quick figure.
+    pub fn n<T>(&self, full: T, quick: T) -> T {
+        if self.args.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+/// Runs the benchmark: prints the tables, writes the JSON, fails only on correctness.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let selected = select(&args.only)?;
+    let nofile = procfs::raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench")
+        .build()
+        .context("tokio runtime")?;
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run_all(args, selected, nofile) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; servers stopped"),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
+}
+
+/// Validates `--only` and returns the scenarios to run, in order.
+fn select(only: &[String]) -> Result<Vec<&'static str>> {
+    for name in only {
+        if !SCENARIOS.contains(&name.as_str()) {
+            bail!("unknown scenario {name:?}; known: {}", SCENARIOS.join(", "));
+        }
+    }
+    Ok(SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| only.is_empty() || only.iter().any(|o| o == s))
+        .collect())
+}
+
+async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> Result<()> {
+    let machine = procfs::Machine::detect(nofile);
+    let log_dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("duplex-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("create log dir {}", log_dir.display()))?;
+    let sut = match &args.url {
+        Some(u) => Sut::External {
+            url: client::WsUrl::parse(u)?,
+            pid: args.pid,
+        },
+        None => Sut::Spawned {
+            opts: stack::StackOpts {
+                bin: stack::server_bin(args.server_bin.as_deref())?,
+                log_dir: log_dir.clone(),
+                mock_frame_interval_ms: 0,
+                serve_args: args.serve_args.clone(),
+                worker_args: args.worker_args.clone(),
+                worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
+            },
+            stack: None,
+        },
+    };
+    let mode = format!(
+        "{} run; {}; child logs in {}",
+        if args.quick { "quick" } else { "full" },
+        sut.describe(),
+        log_dir.display()
+    );
+    println!("{}", report::render_header(&machine, &mode));
+    let started = Instant::now();
+    let gen_cpu = procfs::SelfCpu::start();
+    let mut ctx = Ctx {
+        args: args.clone(),
+        sut,
+        floor: None,
+    };
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    // FAL ratios need the floor even when it is not selected; measure it quietly then.
+    let needs_floor = selected.iter().any(|s| *s != "floor" && *s != "scale");
+    if needs_floor && !selected.contains(&"floor") {
+        let r = scenarios::run_one("floor", &mut ctx).await;
+        ctx.floor = r
+            .data
+            .get("rtt")
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+    }
+    for name in &selected {
+        let r = scenarios::run_one(name, &mut ctx).await;
+        if *name == "floor" {
+            ctx.floor = r
+                .data
+                .get("rtt")
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+        }
+        print!("{}", r.render());
+        reports.push(r);
+    }
+    // Stop our servers before writing the verdict.
+    drop(ctx.sut);
+    let total_s = started.elapsed().as_secs_f64();
+    let problems: Vec<String> = reports
+        .iter()
+        .flat_map(|r| {
+            let mut p: Vec<String> = r
+                .problems
+                .iter()
+                .map(|p| format!("{}: {p}", r.name))
+                .collect();
+            if let Status::Error(e) = &r.status {
+                p.push(format!("{}: could not run: {e}", r.name));
+            }
+            p
+        })
+        .collect();
+    println!(
+        "\ntotal {:.1} s, generator CPU {:.0} % of a core on average",
+        total_s,
+        gen_cpu.percent()
+    );
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "tool": "duplex bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "quick": args.quick,
+            "mode": mode,
+            "command": std::env::args().collect::<Vec<_>>(),
+            "started_unix_s": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() - total_s),
+            "machine": machine,
+            "definitions": report::DEFINITIONS
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+                .collect::<serde_json::Map<_, _>>(),
+            "floor_rtt": ctx.floor,
+            "scenarios": reports,
+            "total_s": total_s,
+            "generator_cpu_percent": gen_cpu.percent(),
+            "correctness_problems": problems,
+        });
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+        println!("JSON report written to {}", path.display());
+    }
+    if problems.is_empty() {
+        println!("correctness: ok (speed figures never fail the run)");
+        Ok(())
+    } else {
+        println!("correctness: FAILED");
+        for p in &problems {
+            println!("  - {p}");
+        }
+        bail!(
+            "{} correctness problem(s); see the tables above",
+            problems.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_in_canonical_order_and_rejects_unknown_names() {
+        assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
+        let s = select(&["scale".into(), "fal_single".into()]).unwrap();
+        assert_eq!(s, vec!["fal_single", "scale"]);
+        let e = select(&["nope".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown scenario"), "{e}");
+    }
+
+    #[test]
+    fn there_are_thirteen_stable_scenarios() {
+        assert_eq!(SCENARIOS.len(), 13);
+        for s in SCENARIOS {
+            assert!(s
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
+        }
+    }
 }

@@ -679,7 +679,9 @@ mod tests {
         assert!(r.capabilities.streaming && !r.capabilities.lora);
         assert_eq!(r.resident_models, vec!["mock-440hz"]);
         r.name = "w".into();
-        r.last_heartbeat_ts = now_epoch_secs();
+        // A value with a short exact decimal form: serde_json's default float parser may be
+        // one ULP off for arbitrary timestamps, which says nothing about the record format.
+        r.last_heartbeat_ts = 1_795_000_000.25;
         assert_eq!(parse("worker:w", r.to_json().as_bytes()).unwrap(), r);
 
         let bare = WorkerRecord::from_capabilities(
