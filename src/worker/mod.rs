@@ -219,14 +219,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// get a short grace period) and returns `Ok(())`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.service_config()?;
-    let std_listener = bind(&args.listen)?;
     let rt = runtime()?;
     rt.block_on(async move {
-        let listener = TcpListener::from_std(std_listener)
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let addr = listener.local_addr()?;
+        // Order matters: signal handlers first, so a SIGTERM that arrives as soon as the port
+        // accepts is a clean shutdown; models loaded before binding, so a worker that accepts
+        // connections answers at once.
         let shutdown = shutdown_signal()?;
         let service = Arc::new(TtsService::start(config).await?);
+        let listener = TcpListener::from_std(bind(&args.listen)?)
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
         service.spawn_eviction();
         info!(
             name = %args.name,
@@ -248,8 +250,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
-/// so a failure is reported before the worker starts serving.
 /// Starts the Redis heartbeat when `--redis` is given. Each beat publishes the worker's own
 /// `GetCapabilities` answer, so the registry and the gRPC probe always agree.
 fn register(
@@ -283,6 +283,8 @@ fn register(
     Ok(Some(registration))
 }
 
+/// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
+/// so a failure is reported before the worker starts serving.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
@@ -337,16 +339,17 @@ impl Drop for WorkerHandle {
 /// errors are returned here.
 pub fn spawn(args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
     let config = args.service_config()?;
+    let rt = runtime()?;
+    // Models first, so the worker answers as soon as its port accepts.
+    let service = Arc::new(rt.block_on(TtsService::start(config))?);
     let std_listener = bind(&args.listen)?;
     let addr = std_listener.local_addr()?;
-    let rt = runtime()?;
     let listener = {
         let _enter = rt.enter();
         TcpListener::from_std(std_listener)
             .with_context(|| format!("cannot listen on {}", args.listen))?
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = Arc::new(rt.block_on(TtsService::start(config))?);
     let name = args.name.clone();
     let thread = std::thread::Builder::new()
         .name("duplex-worker".into())
