@@ -35,17 +35,19 @@ impl ClauseSplitter {
         ClauseSplitter::default()
     }
 
-    /// Adds a chunk; returns the clauses it completed (possibly none).
+    /// Adds a chunk; returns the clauses it completed (possibly none). Linear in the chunk's
+    /// length: a 1 MiB message costs one scan, not one per clause.
     pub fn push(&mut self, text: &str) -> Vec<String> {
         self.pending.push_str(text);
         let mut out = Vec::new();
-        while let Some(end) = boundary(&self.pending) {
-            let rest = self.pending.split_off(end);
-            let clause = std::mem::replace(&mut self.pending, rest);
-            if let Some(c) = speakable(&clause) {
+        let mut start = 0;
+        while let Some(len) = boundary(&self.pending[start..]) {
+            if let Some(c) = speakable(&self.pending[start..start + len]) {
                 out.push(c);
             }
+            start += len;
         }
+        self.pending.drain(..start);
         out
     }
 
@@ -78,14 +80,13 @@ fn is_closer(c: char) -> bool {
     matches!(c, '"' | '\'' | ')' | ']' | '}' | '”' | '’' | '»')
 }
 
-/// Byte index just past the first clause boundary in `s`, if `s` holds a complete clause.
+/// Byte length of the first clause in `s`, if `s` holds a complete one. Looks at no more than
+/// [`MAX_CLAUSE_CHARS`] characters (plus closing quotes after a terminator).
 fn boundary(s: &str) -> Option<usize> {
-    let chars: Vec<(usize, char)> = s.char_indices().collect();
     let mut clause_chars = 0usize;
     let mut last_space: Option<usize> = None;
-    let mut i = 0;
-    while i < chars.len() {
-        let (pos, c) = chars[i];
+    let mut chars = s.char_indices();
+    while let Some((pos, c)) = chars.next() {
         clause_chars += 1;
         if c == '\n' {
             return Some(pos + c.len_utf8());
@@ -97,16 +98,15 @@ fn boundary(s: &str) -> Option<usize> {
         let comma_end = c == ',' && clause_chars >= MIN_COMMA_CLAUSE_CHARS;
         if sentence_end || comma_end {
             // Closing quotes and brackets belong to the clause they close.
-            let mut j = i + 1;
-            while j < chars.len() && is_closer(chars[j].1) {
-                j += 1;
+            let mut look = chars.clone();
+            let mut next = look.next();
+            while next.is_some_and(|(_, n)| is_closer(n)) {
+                next = look.next();
             }
-            match chars.get(j) {
-                Some(&(next_pos, next)) if next.is_whitespace() => return Some(next_pos),
+            match next {
+                Some((next_pos, n)) if n.is_whitespace() => return Some(next_pos),
                 // CJK full stops need no space after them.
-                Some(&(next_pos, _)) if matches!(c, '。' | '！' | '？') => {
-                    return Some(next_pos)
-                }
+                Some((next_pos, _)) if matches!(c, '。' | '！' | '？') => return Some(next_pos),
                 _ => {}
             }
         }
@@ -116,7 +116,6 @@ fn boundary(s: &str) -> Option<usize> {
                 _ => pos + c.len_utf8(),
             });
         }
-        i += 1;
     }
     None
 }
@@ -247,6 +246,24 @@ mod tests {
             vec!["first line", "second line", "third"]
         );
         assert!(split_all(&["  ", "?!", " "]).is_empty());
+    }
+
+    #[test]
+    fn a_huge_message_splits_into_bounded_clauses_in_order() {
+        let sentence = "Sentence number one, with a comma. ";
+        let text = sentence.repeat(30_000); // ~1 MiB in one chunk
+        let mut s = ClauseSplitter::new();
+        let clauses = s.push(text.trim_end());
+        assert_eq!(clauses.len(), 30_000 - 1, "the last waits for more text");
+        assert!(clauses.iter().all(|c| c == sentence.trim()));
+        assert_eq!(s.finish().as_deref(), Some(sentence.trim()));
+        // A 1 MiB wall with no spaces at all: cut at the cap, nothing lost.
+        let wall = "x".repeat(1 << 20);
+        let mut s = ClauseSplitter::new();
+        let mut clauses = s.push(&wall);
+        clauses.extend(s.finish());
+        assert_eq!(clauses.iter().map(String::len).sum::<usize>(), 1 << 20);
+        assert!(clauses.iter().all(|c| c.len() <= MAX_CLAUSE_CHARS));
     }
 
     #[test]
