@@ -33,6 +33,9 @@ pub enum Command {
     Worker(crate::worker::WorkerArgs),
     /// Run the load generator and print the performance report.
     Bench(crate::bench::BenchArgs),
+    // [speech] CLI client of the WebSocket protocol.
+    /// Speak a text (or each stdin line) through an orchestrator; save a WAV or pipe raw PCM.
+    Say(crate::client::SayArgs),
 }
 
 /// Flags of `duplex serve`.
@@ -82,12 +85,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             orchestrator.shutdown();
             Ok(())
         }
-        Command::Demo(args) => {
+        Command::Demo(mut args) => {
             let signals = Signals::install()?;
+            // [speech] Real speech by default: the espeak voice when espeak-ng is installed and
+            // --model was not given; the chosen voice is preloaded so the first text is warm.
+            let voice = demo_voice(&mut args);
+            let preload = match &voice {
+                DemoVoice::Espeak { .. } => vec![args.orchestrator.model.clone()],
+                DemoVoice::Chosen | DemoVoice::MockOnly { .. } => Vec::new(),
+            };
             let worker = crate::worker::spawn(crate::worker::WorkerArgs {
                 listen: "127.0.0.1:0".into(),
                 mock_first_frame_ms: args.mock_first_frame_ms,
                 mock_frame_interval_ms: args.mock_frame_interval_ms,
+                preload,
                 ..crate::worker::WorkerArgs::default()
             })?;
             let worker_url = format!("grpc://{}", worker.local_addr());
@@ -95,7 +106,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let model = config.model.clone();
             let orchestrator = crate::runtime::Orchestrator::start(config)?;
             let addr = orchestrator.local_addr();
-            println!("duplex demo: ws://{addr}/  (model {model}; choose another with --model or ?model=)");
+            println!("duplex demo: ws://{addr}/   web page: http://{addr}/");
+            match voice {
+                DemoVoice::Espeak { version } => println!(
+                    "  voice: {model} (espeak-ng {version}); switch with --model ID or ?model=ID \
+                     (e.g. espeak-en-gb, espeak-de, mock-440hz)"
+                ),
+                DemoVoice::MockOnly { reason } => println!(
+                    "  voice: {model} (a 440 Hz test tone: {reason}); switch with --model ID or ?model=ID"
+                ),
+                DemoVoice::Chosen => println!(
+                    "  voice: {model} (from --model); switch with --model ID or ?model=ID \
+                     (e.g. espeak-en-us, mock-440hz)"
+                ),
+            }
+            println!("  try: duplex say \"Hello world\" --url ws://{addr}/ --out hello.wav");
             println!("  health: http://{addr}/health   metrics: http://{addr}/metrics");
             signals.wait();
             orchestrator.shutdown();
@@ -104,7 +129,56 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(args) => crate::worker::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Say(args) => crate::client::run(args),
     }
+}
+
+// [speech] How `duplex demo` chose its voice.
+enum DemoVoice {
+    /// No --model: the espeak voice.
+    Espeak { version: String },
+    /// No --model and no espeak-ng: the mock, and why.
+    MockOnly { reason: String },
+    /// --model was given.
+    Chosen,
+}
+
+/// The voice `duplex demo` uses when `--model` is not given.
+pub const DEMO_VOICE: &str = "espeak-en-us";
+
+/// [speech] Sets the demo's model to [`DEMO_VOICE`] unless `--model` was on the command line.
+fn demo_voice(args: &mut DemoArgs) -> DemoVoice {
+    if model_flag_given() {
+        return DemoVoice::Chosen;
+    }
+    match crate::worker::espeak::Espeak::detect(crate::worker::espeak::DEFAULT_BINARY) {
+        Ok(e) if e.voice(DEMO_VOICE).is_some() => {
+            args.orchestrator.model = DEMO_VOICE.to_owned();
+            DemoVoice::Espeak {
+                version: e.version().to_owned(),
+            }
+        }
+        Ok(_) => DemoVoice::MockOnly {
+            reason: format!("espeak-ng has no {DEMO_VOICE} voice"),
+        },
+        Err(e) => DemoVoice::MockOnly {
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// [speech] True when `duplex demo` got `--model` on its command line (its default value is a
+/// real id, so only clap's value source can tell "asked for the mock" from "said nothing").
+fn model_flag_given() -> bool {
+    use clap::{parser::ValueSource, CommandFactory};
+    Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .ok()
+        .and_then(|m| {
+            m.subcommand_matches("demo")
+                .and_then(|d| d.value_source("model"))
+        })
+        == Some(ValueSource::CommandLine)
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,5 +1,5 @@
 //! Admin endpoints served on the WebSocket port (a GET without `Upgrade`): health probes for
-//! load balancers and orchestration, Prometheus metrics.
+//! load balancers and orchestration, Prometheus metrics, and the web client ([`crate::web`]).
 
 use std::sync::atomic::Ordering;
 
@@ -28,7 +28,11 @@ pub fn handle(shared: &Shared, req: &Request) -> Vec<u8> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             shared.metrics.render().as_bytes(),
         ),
-        _ => response(404, "text/plain", b"not found\n"),
+        // [speech] The web client: static files built into the binary (src/web).
+        path => match crate::web::asset(path) {
+            Some(asset) => response(200, asset.content_type, asset.body),
+            None => response(404, "text/plain", b"not found\n"),
+        },
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod grpc;
 pub mod http;
@@ -16,6 +17,7 @@ pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod upstream;
+pub mod web;
 pub mod worker;
 pub mod ws;
 

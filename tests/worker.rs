@@ -377,7 +377,7 @@ async fn sessions_models_and_capabilities() {
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
     let c = caps.capabilities.unwrap();
     assert!(c.streaming && c.cpu_ok);
-    assert_eq!(c.languages, vec!["en".to_owned()]);
+    assert!(c.languages.contains(&"en".to_owned()), "{:?}", c.languages);
     assert_eq!(c.max_concurrent_sessions, 2);
     assert_eq!(caps.resident_models, vec!["mock-440hz".to_owned()]);
     assert_eq!(caps.metrics["queue_depth"], 0.0);
@@ -434,8 +434,10 @@ async fn sessions_models_and_capabilities() {
     assert!(loaded.success, "{}", loaded.message);
     assert!(loaded.load_duration_ms >= 0);
     let models = client.list_models(Some(WAIT)).await.unwrap().models;
+    // Mock models only: espeak voices, when installed, are listed too (tests/speech.rs).
     let ids: Vec<_> = models
         .iter()
+        .filter(|m| m.family == "mock")
         .map(|m| (m.model_id.as_str(), m.is_loaded))
         .collect();
     assert_eq!(ids, vec![("mock-440hz", true), ("mock-fast", true)]);

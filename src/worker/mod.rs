@@ -1,4 +1,5 @@
-//! The TTS worker (`duplex worker`): the gRPC `tts.TTSService` backed by the mock model.
+//! The TTS worker (`duplex worker`): the gRPC `tts.TTSService`, speaking with espeak-ng voices
+//! (when espeak-ng is installed) and the mock 440 Hz model.
 //!
 //! [`run`] is the CLI entry (serves until SIGINT/SIGTERM); [`spawn`] runs a worker on its own
 //! OS thread for `duplex demo` (orchestrator and worker in one process) and for tests.
@@ -8,12 +9,17 @@
 //! frame generation on one connection not delay the liveness probe or Control on another;
 //! more threads would only fight the orchestrator for the same cores in `duplex demo`.
 
+pub mod clauses;
+pub mod espeak;
 pub mod metrics;
 pub mod mock;
 pub mod models;
+pub mod resample;
 pub mod service;
 pub mod session;
+pub mod speech;
 pub mod synthesis;
+pub mod wav;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +30,9 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::grpc::{serve, ServerConfig};
+use espeak::Espeak;
 use mock::MockTiming;
+use models::ManagerConfig;
 use service::{ServiceConfig, TtsService};
 
 /// Default gRPC listen address (PROTOCOL.md §2: port 7001).
@@ -35,6 +43,8 @@ pub const DEFAULT_MAX_SESSIONS: usize = 1000;
 pub const DEFAULT_FIRST_FRAME_MS: u64 = 0;
 /// Default delay between mock frames, in ms.
 pub const DEFAULT_FRAME_INTERVAL_MS: u64 = 5;
+/// Default idle time before an unpinned model is evicted, in seconds.
+pub const DEFAULT_MODEL_TTL_SECS: f64 = 600.0;
 
 /// Flags of `duplex worker`.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +64,26 @@ pub struct WorkerArgs {
     /// Name of this worker (its registry key, later `worker:<name>` in Redis).
     #[arg(long, default_value_t = default_name())]
     pub name: String,
+    /// Model of sessions that name none; loaded at start and kept resident.
+    #[arg(long, default_value = models::DEFAULT_MODEL)]
+    pub default_model: String,
+    /// Models to load at start and keep resident (repeat or comma-separate), e.g.
+    /// `--preload espeak-en-us,espeak-de`.
+    #[arg(long, value_delimiter = ',')]
+    pub preload: Vec<String>,
+    /// Evict a model no session has used for this many seconds (0 = never). The default
+    /// model and `--preload` models are never evicted.
+    #[arg(long, default_value_t = DEFAULT_MODEL_TTL_SECS)]
+    pub model_ttl_secs: f64,
+    /// Most models resident at once; loading one more evicts the least recently used idle one.
+    #[arg(long, default_value_t = models::DEFAULT_MAX_RESIDENT)]
+    pub max_resident_models: usize,
+    /// The espeak-ng executable (voices `espeak-*`).
+    #[arg(long, default_value = espeak::DEFAULT_BINARY)]
+    pub espeak_binary: String,
+    /// Speak with the mock only, even if espeak-ng is installed.
+    #[arg(long)]
+    pub no_espeak: bool,
     /// Register in this Redis (`redis://host:port`) so orchestrators discover the worker.
     #[arg(long)]
     pub redis: Option<String>,
@@ -78,6 +108,12 @@ impl Default for WorkerArgs {
             mock_frame_interval_ms: DEFAULT_FRAME_INTERVAL_MS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             name: default_name(),
+            default_model: models::DEFAULT_MODEL.to_owned(),
+            preload: Vec::new(),
+            model_ttl_secs: DEFAULT_MODEL_TTL_SECS,
+            max_resident_models: models::DEFAULT_MAX_RESIDENT,
+            espeak_binary: espeak::DEFAULT_BINARY.to_owned(),
+            no_espeak: false,
             redis: None,
             advertise: None,
             registry_ttl: 30,
@@ -87,14 +123,57 @@ impl Default for WorkerArgs {
 }
 
 impl WorkerArgs {
-    fn service_config(&self) -> ServiceConfig {
-        ServiceConfig {
+    /// Validates the flags and looks for espeak-ng (a missing one is not an error: the
+    /// worker then speaks with the mock only, and says so).
+    fn service_config(&self) -> anyhow::Result<ServiceConfig> {
+        let ttl = self.model_ttl_secs;
+        if !ttl.is_finite() || !(0.0..=1e9).contains(&ttl) {
+            anyhow::bail!("--model-ttl-secs must be a non-negative number of seconds, got {ttl}");
+        }
+        if self.max_resident_models == 0 {
+            anyhow::bail!("--max-resident-models must be at least 1");
+        }
+        let pinned = 1 + self.preload.len();
+        if pinned > self.max_resident_models {
+            anyhow::bail!(
+                "--max-resident-models {} is too small for the default model and {} --preload model(s)",
+                self.max_resident_models,
+                self.preload.len()
+            );
+        }
+        let espeak = if self.no_espeak {
+            info!("espeak-ng disabled (--no-espeak): speaking with the mock model only");
+            None
+        } else {
+            match Espeak::detect(&self.espeak_binary) {
+                Ok(e) => {
+                    info!(
+                        "espeak-ng {} with {} voices (models espeak-*, e.g. espeak-en-us)",
+                        e.version(),
+                        e.voices().len()
+                    );
+                    Some(Arc::new(e))
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: speaking with the mock model only");
+                    None
+                }
+            }
+        };
+        Ok(ServiceConfig {
             timing: MockTiming {
                 first_frame: Duration::from_millis(self.mock_first_frame_ms),
                 frame_interval: Duration::from_millis(self.mock_frame_interval_ms),
             },
             max_sessions: self.max_sessions,
-        }
+            models: ManagerConfig {
+                default_model: self.default_model.clone(),
+                preload: self.preload.clone(),
+                ttl: (ttl > 0.0).then(|| Duration::from_secs_f64(ttl)),
+                max_resident: self.max_resident_models,
+            },
+            espeak,
+        })
     }
 }
 
@@ -139,15 +218,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs the worker until SIGINT or SIGTERM, then shuts down gracefully (GOAWAY, open calls
 /// get a short grace period) and returns `Ok(())`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let std_listener = bind(&args.listen)?;
+    let config = args.service_config()?;
     let rt = runtime()?;
     rt.block_on(async move {
-        let listener = TcpListener::from_std(std_listener)
+        // Order matters: signal handlers first, so a SIGTERM that arrives as soon as the port
+        // accepts is a clean shutdown; models loaded before binding, so a worker that accepts
+        // connections answers at once.
+        let shutdown = shutdown_signal()?;
+        let service = Arc::new(TtsService::start(config).await?);
+        let listener = TcpListener::from_std(bind(&args.listen)?)
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let shutdown = shutdown_signal()?;
-        info!(name = %args.name, "worker listening on {addr}");
-        let service = Arc::new(TtsService::new(args.service_config()));
+        service.spawn_eviction();
+        info!(
+            name = %args.name,
+            default_model = %service.models().default_model(),
+            "worker listening on {addr}"
+        );
         let registration = register(&args, addr, &service)?;
         serve(listener, service, ServerConfig::default(), shutdown).await;
         if let Some(r) = registration {
@@ -163,8 +250,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
-/// so a failure is reported before the worker starts serving.
 /// Starts the Redis heartbeat when `--redis` is given. Each beat publishes the worker's own
 /// `GetCapabilities` answer, so the registry and the gRPC probe always agree.
 fn register(
@@ -198,6 +283,8 @@ fn register(
     Ok(Some(registration))
 }
 
+/// A future completing on the first SIGINT or SIGTERM. Installing the handlers happens now,
+/// so a failure is reported before the worker starts serving.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
@@ -251,21 +338,24 @@ impl Drop for WorkerHandle {
 /// returns, so `--listen 127.0.0.1:0` works (see [`WorkerHandle::local_addr`]) and bind
 /// errors are returned here.
 pub fn spawn(args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
+    let config = args.service_config()?;
+    let rt = runtime()?;
+    // Models first, so the worker answers as soon as its port accepts.
+    let service = Arc::new(rt.block_on(TtsService::start(config))?);
     let std_listener = bind(&args.listen)?;
     let addr = std_listener.local_addr()?;
-    let rt = runtime()?;
     let listener = {
         let _enter = rt.enter();
         TcpListener::from_std(std_listener)
             .with_context(|| format!("cannot listen on {}", args.listen))?
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = Arc::new(TtsService::new(args.service_config()));
     let name = args.name.clone();
     let thread = std::thread::Builder::new()
         .name("duplex-worker".into())
         .spawn(move || {
             rt.block_on(async move {
+                service.spawn_eviction();
                 info!(name = %name, "worker listening on {addr}");
                 serve(listener, service, ServerConfig::default(), async {
                     let _ = stop_rx.await;
@@ -314,6 +404,32 @@ mod tests {
         std::net::TcpStream::connect(addr).unwrap();
         h.shutdown();
         assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn bad_model_flags_are_clear_errors() {
+        let bad = |args: WorkerArgs| format!("{:#}", spawn(args).unwrap_err());
+        let base = || WorkerArgs {
+            listen: "127.0.0.1:0".into(),
+            no_espeak: true,
+            ..WorkerArgs::default()
+        };
+        assert!(bad(WorkerArgs {
+            model_ttl_secs: -1.0,
+            ..base()
+        })
+        .contains("--model-ttl-secs"));
+        assert!(bad(WorkerArgs {
+            max_resident_models: 1,
+            preload: vec!["mock-a".into()],
+            ..base()
+        })
+        .contains("--max-resident-models"));
+        let e = bad(WorkerArgs {
+            default_model: "espeak-en-us".into(),
+            ..base()
+        });
+        assert!(e.contains("needs espeak-ng"), "{e}");
     }
 
     #[test]

@@ -1,184 +1,670 @@
-//! The worker's model manager: which models it knows, which are resident, what engine
-//! speaks for a model id.
+//! The worker's model manager: which models exist, which are resident, who uses them, and
+//! when an idle one is evicted.
 //!
-//! Only the mock engine exists today, so every id resolves to it (PROTOCOL.md §2: "any
-//! unknown id in mock mode"). The manager still keeps real state (what was loaded, when, how
-//! long it took) because ListModels / GetCapabilities / the Redis record report it, and a real
-//! engine (espeak, a neural model) slots in behind [`Engine`] later.
+//! Models are ids. `espeak-*` ids are the installed espeak-ng voices (listed at start-up);
+//! every other id is the mock engine (PROTOCOL.md §2: "any unknown id in mock mode"), so the
+//! orchestrator's tests and benchmarks keep their 440 Hz voice.
+//!
+//! Lifecycle, and why each rule exists:
+//! - **Loading** makes a model resident. For espeak that means a warm-up synthesis (proves
+//!   the voice works, pulls its data into the page cache; its time is `load_duration_ms`)
+//!   and a warm process kept ready, so the first clause of a session does not pay espeak's
+//!   start-up. Loading happens on `LoadModel`, at start-up (`--default-model`, `--preload`),
+//!   or on demand when `StartSession` names a model that is not resident.
+//! - **Reference counts**: each session holds one reference to its model from StartSession to
+//!   EndSession. A model in use is never evicted and cannot be unloaded.
+//! - **TTL**: a resident model unused (no references, no synthesis started) for `--model-ttl-secs`
+//!   is evicted, so a burst of exotic voices does not keep processes around forever.
+//! - **Resident cap** (`--max-resident-models`): loading one more evicts the least recently
+//!   used idle model; if every resident model is in use or pinned, the load fails.
+//! - **Pinned**: the default model and `--preload` models stay resident (no TTL, no LRU) until
+//!   an explicit `UnloadModel`: the operator asked for them to be warm.
+//!
+//! Every lock is a short critical section with no I/O and no await under it; warm-ups run
+//! outside the lock.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use super::espeak::{Espeak, Voice, VoiceRuntime, MODEL_PREFIX};
 use crate::proto::{LoadModelResponse, ModelInfo, UnloadModelResponse};
 
-/// The model resident when the worker starts.
+/// The model of sessions that name none, unless `--default-model` says otherwise.
 pub const DEFAULT_MODEL: &str = "mock-440hz";
-
-/// Languages every model here speaks (the mock says "beep" in any language; we claim English
-/// only, like the system we replace).
-pub const LANGUAGES: &[&str] = &["en"];
+/// Languages the mock claims (it says "beep" in any language; English, like the system we
+/// replace).
+pub const MOCK_LANGUAGES: &[&str] = &["en"];
+/// Default idle time after which an unpinned model is evicted.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+/// Default number of resident models.
+pub const DEFAULT_MAX_RESIDENT: usize = 8;
 
 /// The engine that synthesises for a model id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Engine {
     /// The 440 Hz sine of [`super::mock`].
     Mock,
+    /// An espeak-ng voice.
+    Espeak(Voice),
 }
 
 impl Engine {
     /// The `family` reported in [`ModelInfo`].
-    pub fn family(self) -> &'static str {
+    pub fn family(&self) -> &'static str {
         match self {
             Engine::Mock => "mock",
+            Engine::Espeak(_) => "espeak",
+        }
+    }
+
+    fn languages(&self) -> Vec<String> {
+        match self {
+            Engine::Mock => MOCK_LANGUAGES.iter().map(|s| (*s).to_owned()).collect(),
+            Engine::Espeak(v) => v.languages(),
         }
     }
 }
 
+/// What a synthesis speaks with (cheap to clone; keeps an evicted voice usable until the
+/// synthesis ends).
 #[derive(Debug, Clone)]
+pub enum EngineHandle {
+    /// The sine.
+    Mock,
+    /// An espeak-ng voice and its warm process.
+    Espeak(Arc<VoiceRuntime>),
+}
+
+/// Why a model operation failed. The text goes to the client as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// LoadModel / UnloadModel without an id.
+    #[error("model_id is required")]
+    MissingId,
+    /// An `espeak-*` id that is not an installed voice.
+    #[error("unknown model {id:?}: no installed espeak-ng voice has that id (e.g. {examples})")]
+    UnknownVoice {
+        /// The id asked for.
+        id: String,
+        /// A few ids that do exist.
+        examples: String,
+    },
+    /// An `espeak-*` id on a worker without espeak-ng.
+    #[error(
+        "model {0:?} needs espeak-ng, which this worker does not have (apt-get install espeak-ng)"
+    )]
+    EngineMissing(String),
+    /// The warm-up failed.
+    #[error("cannot load {id}: {reason}")]
+    LoadFailed {
+        /// The model.
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The resident cap is reached and nothing can be evicted.
+    #[error(
+        "cannot load {id}: {max} models are resident (--max-resident-models) and all are in use or pinned"
+    )]
+    Full {
+        /// The model.
+        id: String,
+        /// The cap.
+        max: usize,
+    },
+    /// UnloadModel of a model sessions still use.
+    #[error("{id} is in use by {refs} session(s); end them first")]
+    InUse {
+        /// The model.
+        id: String,
+        /// Sessions holding it.
+        refs: usize,
+    },
+    /// UnloadModel of a catalogued model that is not resident.
+    #[error("{0} is not loaded")]
+    NotLoaded(String),
+    /// UnloadModel of an id never seen.
+    #[error("unknown model {0:?}")]
+    Unknown(String),
+}
+
+/// Model-manager settings (from the worker's flags).
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Model of sessions that name none; pinned.
+    pub default_model: String,
+    /// Loaded and pinned at start-up.
+    pub preload: Vec<String>,
+    /// Idle time before an unpinned, unused model is evicted (`None`: never).
+    pub ttl: Option<Duration>,
+    /// Most resident models at once (at least 1).
+    pub max_resident: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            default_model: DEFAULT_MODEL.to_owned(),
+            preload: Vec::new(),
+            ttl: Some(DEFAULT_TTL),
+            max_resident: DEFAULT_MAX_RESIDENT,
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Model {
     engine: Engine,
-    loaded: bool,
+    /// espeak only: created on first use and kept (it is just the voice plus a spare slot).
+    runtime: Option<Arc<VoiceRuntime>>,
+    resident: bool,
+    pinned: bool,
+    refs: usize,
+    last_used: Instant,
     load_duration_ms: i64,
+    loads: u64,
 }
 
-/// Thread-safe catalogue of models. Operations are short critical sections (no I/O under
-/// the lock), so RPCs never wait on each other for long.
+impl Model {
+    fn new(engine: Engine) -> Model {
+        Model {
+            engine,
+            runtime: None,
+            resident: false,
+            pinned: false,
+            refs: 0,
+            last_used: Instant::now(),
+            load_duration_ms: 0,
+            loads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    models: BTreeMap<String, Model>,
+    loads_total: u64,
+    evictions_total: u64,
+}
+
+impl State {
+    fn resident_count(&self) -> usize {
+        self.models.values().filter(|m| m.resident).count()
+    }
+
+    /// Makes `id` non-resident (no checks); `counted` for evictions (TTL, cap) as opposed to
+    /// an explicit UnloadModel.
+    fn evict(&mut self, id: &str, counted: bool) {
+        if let Some(m) = self.models.get_mut(id) {
+            if m.resident {
+                m.resident = false;
+                m.pinned = false;
+                if let Some(rt) = &m.runtime {
+                    rt.set_warm(false);
+                }
+                if counted {
+                    self.evictions_total += 1;
+                }
+                tracing::info!(model = id, evicted = counted, "model unloaded");
+            }
+        }
+    }
+
+    /// Frees a resident slot for `id` if the cap requires it (LRU among idle unpinned).
+    fn make_room(&mut self, id: &str, max: usize) -> Result<(), ModelError> {
+        while self.resident_count() >= max {
+            let victim = self
+                .models
+                .iter()
+                .filter(|(k, m)| m.resident && !m.pinned && m.refs == 0 && k.as_str() != id)
+                .min_by_key(|(_, m)| m.last_used)
+                .map(|(k, _)| k.clone());
+            match victim {
+                Some(v) => self.evict(&v, true),
+                None => {
+                    return Err(ModelError::Full {
+                        id: id.to_owned(),
+                        max,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Thread-safe catalogue and lifecycle of models.
 #[derive(Debug)]
 pub struct ModelManager {
-    models: Mutex<BTreeMap<String, Model>>,
+    state: Mutex<State>,
+    espeak: Option<Arc<Espeak>>,
+    config: ManagerConfig,
 }
 
-impl Default for ModelManager {
-    fn default() -> Self {
-        ModelManager::new()
-    }
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl ModelManager {
-    /// A manager with [`DEFAULT_MODEL`] resident.
-    pub fn new() -> ModelManager {
-        let mut models = BTreeMap::new();
-        models.insert(
-            DEFAULT_MODEL.to_owned(),
-            Model {
-                engine: Engine::Mock,
-                loaded: true,
-                load_duration_ms: 0,
-            },
-        );
+    /// A manager knowing the mock and (if given) every installed espeak-ng voice, nothing
+    /// resident yet: call [`ModelManager::start`].
+    pub fn new(config: ManagerConfig, espeak: Option<Arc<Espeak>>) -> ModelManager {
+        let mut state = State::default();
+        state
+            .models
+            .insert(DEFAULT_MODEL.to_owned(), Model::new(Engine::Mock));
+        if let Some(e) = &espeak {
+            for v in e.voices() {
+                state
+                    .models
+                    .insert(v.model_id.clone(), Model::new(Engine::Espeak(v.clone())));
+            }
+        }
+        let config = ManagerConfig {
+            max_resident: config.max_resident.max(1),
+            ..config
+        };
         ModelManager {
-            models: Mutex::new(models),
+            state: Mutex::new(state),
+            espeak,
+            config,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Model>> {
-        // Each update is a single map operation; a poisoned map is still consistent.
-        self.models.lock().unwrap_or_else(|p| p.into_inner())
+    /// Loads and pins the default model and the `--preload` list. Fails (the worker should
+    /// not start) when one of them cannot be loaded.
+    pub async fn start(&self) -> Result<(), ModelError> {
+        let mut ids = vec![self.config.default_model.clone()];
+        ids.extend(self.config.preload.iter().cloned());
+        for id in ids {
+            let took = self.load_resident(&id, true).await?;
+            tracing::info!(model = %id, load_ms = millis(took), "model loaded");
+        }
+        Ok(())
     }
 
-    /// Which engine speaks for `model_id`. Every id maps to the mock while it is the only
-    /// engine; an empty id means the default model.
-    pub fn engine_for(&self, _model_id: &str) -> Engine {
-        Engine::Mock
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Each update leaves the map consistent; a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The model of sessions that name none.
+    pub fn default_model(&self) -> &str {
+        &self.config.default_model
+    }
+
+    /// True when espeak-ng voices are available.
+    pub fn has_espeak(&self) -> bool {
+        self.espeak.is_some()
+    }
+
+    /// `id`, or the default model for an empty id.
+    pub fn resolve_id<'a>(&'a self, id: &'a str) -> &'a str {
+        if id.is_empty() {
+            &self.config.default_model
+        } else {
+            id
+        }
+    }
+
+    /// Which engine speaks for `id` (after [`ModelManager::resolve_id`]).
+    pub fn engine_for(&self, id: &str) -> Result<Engine, ModelError> {
+        if id.trim().is_empty() {
+            return Err(ModelError::MissingId);
+        }
+        if !id.starts_with(MODEL_PREFIX) {
+            return Ok(Engine::Mock);
+        }
+        let Some(espeak) = &self.espeak else {
+            return Err(ModelError::EngineMissing(id.to_owned()));
+        };
+        match espeak.voice(id) {
+            Some(v) => Ok(Engine::Espeak(v.clone())),
+            None => Err(ModelError::UnknownVoice {
+                id: id.to_owned(),
+                examples: ["espeak-en-us", "espeak-en-gb", "espeak-de"]
+                    .iter()
+                    .filter(|e| espeak.voice(e).is_some())
+                    .copied()
+                    .chain(espeak.voices().iter().map(|v| v.model_id.as_str()))
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// The catalogue entry's runtime (created on first use), for espeak models.
+    fn runtime_of(&self, m: &mut Model) -> Option<Arc<VoiceRuntime>> {
+        match (&m.engine, &self.espeak) {
+            (Engine::Espeak(v), Some(e)) => Some(
+                m.runtime
+                    .get_or_insert_with(|| Arc::new(VoiceRuntime::new(e.clone(), v.clone())))
+                    .clone(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Makes `id` resident (warm-up outside the lock, then the cap); `pin` keeps it there.
+    /// Returns the load time (zero when it already was resident).
+    async fn load_resident(&self, id: &str, pin: bool) -> Result<Duration, ModelError> {
+        let engine = self.engine_for(id)?;
+        let runtime = {
+            let mut st = self.lock();
+            let m = st
+                .models
+                .entry(id.to_owned())
+                .or_insert_with(|| Model::new(engine.clone()));
+            if m.resident {
+                m.pinned |= pin;
+                m.last_used = Instant::now();
+                return Ok(Duration::ZERO);
+            }
+            self.runtime_of(m)
+        };
+        let started = Instant::now();
+        if let Some(rt) = &runtime {
+            rt.warm_up().await.map_err(|e| ModelError::LoadFailed {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+        let took = started.elapsed();
+        let mut st = self.lock();
+        if st.models.get(id).is_some_and(|m| m.resident) {
+            // A concurrent load won; that is fine.
+            if let Some(m) = st.models.get_mut(id) {
+                m.pinned |= pin;
+            }
+            return Ok(took);
+        }
+        st.make_room(id, self.config.max_resident)?;
+        st.loads_total += 1;
+        if let Some(m) = st.models.get_mut(id) {
+            m.resident = true;
+            m.pinned |= pin;
+            m.last_used = Instant::now();
+            m.load_duration_ms = millis(took);
+            m.loads += 1;
+            if let Some(rt) = &m.runtime {
+                rt.set_warm(true);
+            }
+        }
+        Ok(took)
+    }
+
+    /// LoadModel. With `preload_only` the model is checked (and its data warmed) but not
+    /// made resident. Loading a resident model is a cheap success.
+    pub async fn load(&self, model_id: &str, preload_only: bool) -> LoadModelResponse {
+        let fail = |e: ModelError| LoadModelResponse {
+            success: false,
+            message: e.to_string(),
+            load_duration_ms: 0,
+        };
+        if model_id.trim().is_empty() {
+            return fail(ModelError::MissingId);
+        }
+        let already = self
+            .lock()
+            .models
+            .get_mut(model_id)
+            .filter(|m| m.resident)
+            .map(|m| {
+                m.last_used = Instant::now();
+                m.load_duration_ms
+            });
+        if let Some(ms) = already {
+            return LoadModelResponse {
+                success: true,
+                message: format!("{model_id} is already loaded"),
+                load_duration_ms: ms,
+            };
+        }
+        if preload_only {
+            return match self.preload_only(model_id).await {
+                Ok((family, took)) => LoadModelResponse {
+                    success: true,
+                    message: format!("{model_id} preloaded ({family} engine), not resident"),
+                    load_duration_ms: millis(took),
+                },
+                Err(e) => fail(e),
+            };
+        }
+        match self.load_resident(model_id, false).await {
+            Ok(took) => {
+                let family = self.engine_for(model_id).map_or("?", |e| e.family());
+                LoadModelResponse {
+                    success: true,
+                    message: format!("{model_id} loaded ({family} engine)"),
+                    load_duration_ms: millis(took),
+                }
+            }
+            Err(e) => fail(e),
+        }
+    }
+
+    async fn preload_only(&self, id: &str) -> Result<(&'static str, Duration), ModelError> {
+        let engine = self.engine_for(id)?;
+        let runtime = {
+            let mut st = self.lock();
+            let m = st
+                .models
+                .entry(id.to_owned())
+                .or_insert_with(|| Model::new(engine.clone()));
+            self.runtime_of(m)
+        };
+        let started = Instant::now();
+        if let Some(rt) = runtime {
+            rt.warm_up().await.map_err(|e| ModelError::LoadFailed {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+        let took = started.elapsed();
+        if let Some(m) = self.lock().models.get_mut(id) {
+            m.load_duration_ms = millis(took);
+        }
+        Ok((engine.family(), took))
+    }
+
+    /// UnloadModel: evicts `model_id` unless sessions use it.
+    pub fn unload(&self, model_id: &str) -> UnloadModelResponse {
+        let result = self.try_unload(model_id);
+        UnloadModelResponse {
+            success: result.is_ok(),
+            message: match result {
+                Ok(()) => format!("{model_id} unloaded"),
+                Err(e) => e.to_string(),
+            },
+        }
+    }
+
+    fn try_unload(&self, id: &str) -> Result<(), ModelError> {
+        if id.trim().is_empty() {
+            return Err(ModelError::MissingId);
+        }
+        let mut st = self.lock();
+        let m = st
+            .models
+            .get(id)
+            .ok_or_else(|| ModelError::Unknown(id.to_owned()))?;
+        if !m.resident {
+            return Err(ModelError::NotLoaded(id.to_owned()));
+        }
+        if m.refs > 0 {
+            return Err(ModelError::InUse {
+                id: id.to_owned(),
+                refs: m.refs,
+            });
+        }
+        st.evict(id, false);
+        Ok(())
+    }
+
+    /// A session starts using `id` (empty: the default): loads it if needed and takes a
+    /// reference. Returns the resolved id, which [`ModelManager::release`] must get back.
+    pub async fn acquire(&self, id: &str) -> Result<String, ModelError> {
+        let id = self.resolve_id(id).to_owned();
+        // A model can be evicted between our load and our reference (TTL tick, cap): retry.
+        for _ in 0..3 {
+            {
+                let mut st = self.lock();
+                if let Some(m) = st.models.get_mut(&id).filter(|m| m.resident) {
+                    m.refs += 1;
+                    m.last_used = Instant::now();
+                    return Ok(id);
+                }
+            }
+            self.load_resident(&id, false).await?;
+        }
+        Err(ModelError::LoadFailed {
+            id,
+            reason: "evicted while loading (resident cap too small for the load?)".into(),
+        })
+    }
+
+    /// A session stops using `id`.
+    pub fn release(&self, id: &str) {
+        if let Some(m) = self.lock().models.get_mut(id) {
+            m.refs = m.refs.saturating_sub(1);
+            m.last_used = Instant::now();
+        }
+    }
+
+    /// The engine a synthesis of `id` uses; marks the model as just used.
+    pub fn handle(&self, id: &str) -> Result<EngineHandle, ModelError> {
+        let id = self.resolve_id(id).to_owned();
+        let engine = self.engine_for(&id)?;
+        let mut st = self.lock();
+        let m = st
+            .models
+            .entry(id)
+            .or_insert_with(|| Model::new(engine.clone()));
+        m.last_used = Instant::now();
+        Ok(match self.runtime_of(m) {
+            Some(rt) => EngineHandle::Espeak(rt),
+            None => EngineHandle::Mock,
+        })
+    }
+
+    /// Evicts every unpinned, unused model idle for at least the TTL at `now`. Returns the
+    /// evicted ids.
+    pub fn evict_idle(&self, now: Instant) -> Vec<String> {
+        let Some(ttl) = self.config.ttl else {
+            return Vec::new();
+        };
+        let mut st = self.lock();
+        let idle: Vec<String> = st
+            .models
+            .iter()
+            .filter(|(_, m)| {
+                m.resident
+                    && !m.pinned
+                    && m.refs == 0
+                    && now.saturating_duration_since(m.last_used) >= ttl
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in &idle {
+            st.evict(id, true);
+        }
+        idle
+    }
+
+    /// How often the worker should call [`ModelManager::evict_idle`]: a quarter of the TTL,
+    /// between 50 ms and 10 s (`None` without a TTL).
+    pub fn eviction_interval(&self) -> Option<Duration> {
+        self.config
+            .ttl
+            .map(|t| (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(10)))
     }
 
     /// Every known model, loaded or not, sorted by id.
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.lock()
+        let now = Instant::now();
+        let st = self.lock();
+        st.models
             .iter()
-            .map(|(id, m)| model_info(id, m))
+            .map(|(id, m)| self.model_info(id, m, now))
             .collect()
+    }
+
+    fn model_info(&self, id: &str, m: &Model, now: Instant) -> ModelInfo {
+        let mut metadata = HashMap::from([
+            ("engine".to_owned(), m.engine.family().to_owned()),
+            ("sessions".to_owned(), m.refs.to_string()),
+            ("pinned".to_owned(), m.pinned.to_string()),
+            (
+                "load_duration_ms".to_owned(),
+                m.load_duration_ms.to_string(),
+            ),
+            ("loads".to_owned(), m.loads.to_string()),
+            (
+                "idle_ms".to_owned(),
+                millis(now.saturating_duration_since(m.last_used)).to_string(),
+            ),
+        ]);
+        match &m.engine {
+            Engine::Mock => {
+                metadata.insert(
+                    "frequency_hz".to_owned(),
+                    super::mock::FREQUENCY_HZ.to_string(),
+                );
+            }
+            Engine::Espeak(v) => {
+                metadata.insert("voice".to_owned(), v.name.clone());
+                metadata.insert("voice_file".to_owned(), v.file.clone());
+                if let Some(e) = &self.espeak {
+                    metadata.insert("espeak_version".to_owned(), e.version().to_owned());
+                }
+            }
+        }
+        ModelInfo {
+            model_id: id.to_owned(),
+            family: m.engine.family().to_owned(),
+            is_loaded: m.resident,
+            languages: m.engine.languages(),
+            metadata,
+        }
     }
 
     /// Ids of the resident models, sorted.
     pub fn resident(&self) -> Vec<String> {
         self.lock()
+            .models
             .iter()
-            .filter(|(_, m)| m.loaded)
+            .filter(|(_, m)| m.resident)
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    /// Loads `model_id`. With `preload_only` the model is prepared and catalogued but not
-    /// made resident. Loading a resident model is a cheap success.
-    pub fn load(&self, model_id: &str, preload_only: bool) -> LoadModelResponse {
-        if model_id.trim().is_empty() {
-            return LoadModelResponse {
-                success: false,
-                message: "model_id is required".to_owned(),
-                load_duration_ms: 0,
-            };
-        }
-        let started = Instant::now();
-        let engine = self.engine_for(model_id);
-        // The mock engine has no weights: "loading" is registering it. A real engine would
-        // do its I/O here, outside the lock.
-        let load_duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        let mut models = self.lock();
-        let entry = models.entry(model_id.to_owned()).or_insert(Model {
-            engine,
-            loaded: false,
-            load_duration_ms,
-        });
-        let message = if entry.loaded {
-            format!("{model_id} is already loaded")
-        } else if preload_only {
-            format!("{model_id} preloaded ({} engine)", engine.family())
-        } else {
-            entry.loaded = true;
-            entry.load_duration_ms = load_duration_ms;
-            format!("{model_id} loaded ({} engine)", engine.family())
-        };
-        LoadModelResponse {
-            success: true,
-            message,
-            load_duration_ms: entry.load_duration_ms,
-        }
+    /// Every language some known model speaks, sorted (GetCapabilities).
+    pub fn languages(&self) -> Vec<String> {
+        let st = self.lock();
+        let set: BTreeSet<String> = st
+            .models
+            .values()
+            .flat_map(|m| m.engine.languages())
+            .collect();
+        set.into_iter().collect()
     }
 
-    /// Evicts `model_id`. Unknown or not resident → `success: false`.
-    pub fn unload(&self, model_id: &str) -> UnloadModelResponse {
-        let mut models = self.lock();
-        match models.get_mut(model_id) {
-            Some(m) if m.loaded => {
-                m.loaded = false;
-                UnloadModelResponse {
-                    success: true,
-                    message: format!("{model_id} unloaded"),
-                }
-            }
-            Some(_) => UnloadModelResponse {
-                success: false,
-                message: format!("{model_id} is not loaded"),
-            },
-            None => UnloadModelResponse {
-                success: false,
-                message: format!("unknown model {model_id:?}"),
-            },
-        }
+    /// Lifecycle counters for GetCapabilities' metrics.
+    pub fn metrics(&self) -> [(&'static str, f64); 4] {
+        let st = self.lock();
+        [
+            ("resident_models", st.resident_count() as f64),
+            ("max_resident_models", self.config.max_resident as f64),
+            ("model_loads_total", st.loads_total as f64),
+            ("model_evictions_total", st.evictions_total as f64),
+        ]
     }
-}
 
-fn model_info(id: &str, m: &Model) -> ModelInfo {
-    let mut metadata = HashMap::new();
-    metadata.insert("engine".to_owned(), m.engine.family().to_owned());
-    if m.engine == Engine::Mock {
-        metadata.insert(
-            "frequency_hz".to_owned(),
-            super::mock::FREQUENCY_HZ.to_string(),
-        );
-    }
-    metadata.insert(
-        "load_duration_ms".to_owned(),
-        m.load_duration_ms.to_string(),
-    );
-    ModelInfo {
-        model_id: id.to_owned(),
-        family: m.engine.family().to_owned(),
-        is_loaded: m.loaded,
-        languages: LANGUAGES.iter().map(|s| (*s).to_owned()).collect(),
-        metadata,
+    /// Sessions holding `id` (0 for unknown ids).
+    pub fn refs(&self, id: &str) -> usize {
+        self.lock().models.get(id).map_or(0, |m| m.refs)
     }
 }
 
@@ -186,41 +672,57 @@ fn model_info(id: &str, m: &Model) -> ModelInfo {
 mod tests {
     use super::*;
 
-    #[test]
-    fn default_model_is_resident() {
-        let m = ModelManager::new();
+    fn manager(config: ManagerConfig) -> ModelManager {
+        ModelManager::new(config, None)
+    }
+
+    async fn started(config: ManagerConfig) -> ModelManager {
+        let m = manager(config);
+        m.start().await.unwrap();
+        m
+    }
+
+    #[tokio::test]
+    async fn default_model_is_resident_and_pinned() {
+        let m = started(ManagerConfig::default()).await;
         assert_eq!(m.resident(), vec![DEFAULT_MODEL.to_owned()]);
         let list = m.list();
         assert_eq!(list.len(), 1);
         assert!(list[0].is_loaded);
         assert_eq!(list[0].family, "mock");
         assert_eq!(list[0].languages, vec!["en".to_owned()]);
+        assert_eq!(list[0].metadata["pinned"], "true");
+        assert_eq!(m.languages(), vec!["en".to_owned()]);
+        assert!(m
+            .evict_idle(Instant::now() + Duration::from_secs(1 << 20))
+            .is_empty());
     }
 
-    #[test]
-    fn load_unload_cycle() {
-        let m = ModelManager::new();
-        let r = m.load("mock-fast", false);
+    #[tokio::test]
+    async fn load_unload_cycle() {
+        let m = started(ManagerConfig::default()).await;
+        let r = m.load("mock-fast", false).await;
         assert!(r.success, "{}", r.message);
         assert!(r.load_duration_ms >= 0);
         assert_eq!(
             m.resident(),
             vec!["mock-440hz".to_owned(), "mock-fast".to_owned()]
         );
-        assert!(m.load("mock-fast", false).success); // already loaded: still fine
+        assert!(m.load("mock-fast", false).await.success); // already loaded: still fine
         assert!(m.unload("mock-fast").success);
         let again = m.unload("mock-fast");
         assert!(!again.success);
         assert!(again.message.contains("not loaded"));
         assert_eq!(m.list().len(), 2); // still catalogued
         assert!(!m.unload("never-seen").success);
-        assert!(!m.load("", false).success);
+        assert!(!m.load("", false).await.success);
+        assert_eq!(m.metrics()[3], ("model_evictions_total", 0.0));
     }
 
-    #[test]
-    fn preload_catalogues_without_making_resident() {
-        let m = ModelManager::new();
-        assert!(m.load("mock-x", true).success);
+    #[tokio::test]
+    async fn preload_catalogues_without_making_resident() {
+        let m = started(ManagerConfig::default()).await;
+        assert!(m.load("mock-x", true).await.success);
         assert_eq!(m.resident(), vec![DEFAULT_MODEL.to_owned()]);
         let info = m
             .list()
@@ -230,11 +732,112 @@ mod tests {
         assert!(!info.is_loaded);
     }
 
-    #[test]
-    fn any_id_is_spoken_by_the_mock() {
-        let m = ModelManager::new();
-        assert_eq!(m.engine_for("mock-440hz"), Engine::Mock);
-        assert_eq!(m.engine_for("piper-en-us"), Engine::Mock);
-        assert_eq!(m.engine_for(""), Engine::Mock);
+    #[tokio::test]
+    async fn ids_choose_their_engine() {
+        let m = manager(ManagerConfig::default());
+        assert_eq!(m.engine_for("mock-440hz"), Ok(Engine::Mock));
+        assert_eq!(m.engine_for("piper-en-us"), Ok(Engine::Mock));
+        assert_eq!(m.engine_for(""), Err(ModelError::MissingId));
+        let e = m.engine_for("espeak-en-us").unwrap_err();
+        assert!(e.to_string().contains("apt-get install espeak-ng"), "{e}");
+        assert_eq!(m.resolve_id(""), DEFAULT_MODEL);
+        assert!(matches!(m.handle(""), Ok(EngineHandle::Mock)));
+    }
+
+    #[tokio::test]
+    async fn references_block_unload_and_eviction() {
+        let m = started(ManagerConfig {
+            ttl: Some(Duration::from_secs(10)),
+            ..ManagerConfig::default()
+        })
+        .await;
+        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
+        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
+        assert_eq!(m.refs("mock-a"), 2);
+        let r = m.unload("mock-a");
+        assert!(!r.success);
+        assert!(r.message.contains("in use by 2"), "{}", r.message);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(m.evict_idle(later).is_empty(), "in use: not evicted");
+        m.release("mock-a");
+        assert!(m.evict_idle(later).is_empty(), "still one reference");
+        m.release("mock-a");
+        assert_eq!(m.refs("mock-a"), 0);
+        assert!(
+            m.evict_idle(Instant::now()).is_empty(),
+            "not idle long enough yet"
+        );
+        assert_eq!(m.evict_idle(later), vec!["mock-a".to_owned()]);
+        assert_eq!(
+            m.resident(),
+            vec![DEFAULT_MODEL.to_owned()],
+            "default is pinned"
+        );
+        assert_eq!(m.metrics()[3], ("model_evictions_total", 1.0));
+        // acquire of an evicted model loads it again.
+        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
+        assert!(m.resident().contains(&"mock-a".to_owned()));
+        assert_eq!(m.acquire("").await.unwrap(), DEFAULT_MODEL);
+    }
+
+    #[tokio::test]
+    async fn the_cap_evicts_the_least_recently_used_idle_model() {
+        let m = started(ManagerConfig {
+            max_resident: 3,
+            ..ManagerConfig::default()
+        })
+        .await;
+        assert!(m.load("mock-1", false).await.success);
+        assert!(m.load("mock-2", false).await.success);
+        // Touch mock-1 so mock-2 is the least recently used.
+        assert!(m.load("mock-1", false).await.success);
+        assert!(m.load("mock-3", false).await.success);
+        assert_eq!(
+            m.resident(),
+            vec!["mock-1", "mock-3", "mock-440hz"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        );
+        // With every slot in use or pinned, a load fails with a clear reason.
+        m.acquire("mock-1").await.unwrap();
+        m.acquire("mock-3").await.unwrap();
+        let r = m.load("mock-4", false).await;
+        assert!(!r.success);
+        assert!(r.message.contains("--max-resident-models"), "{}", r.message);
+        assert_eq!(m.resident().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn preloads_are_pinned_and_ttl_can_be_off() {
+        let m = started(ManagerConfig {
+            preload: vec!["mock-p".into()],
+            ttl: None,
+            ..ManagerConfig::default()
+        })
+        .await;
+        assert_eq!(m.resident().len(), 2);
+        assert_eq!(m.eviction_interval(), None);
+        assert!(m.load("mock-q", false).await.success);
+        assert!(m
+            .evict_idle(Instant::now() + Duration::from_secs(1 << 20))
+            .is_empty());
+        let info = m
+            .list()
+            .into_iter()
+            .find(|i| i.model_id == "mock-p")
+            .unwrap();
+        assert_eq!(info.metadata["pinned"], "true");
+        assert!(m.unload("mock-p").success, "explicit unload still works");
+    }
+
+    #[tokio::test]
+    async fn a_default_espeak_model_without_espeak_fails_to_start() {
+        let m = manager(ManagerConfig {
+            default_model: "espeak-en-us".into(),
+            ..ManagerConfig::default()
+        });
+        let e = m.start().await.unwrap_err();
+        assert_eq!(e, ModelError::EngineMissing("espeak-en-us".into()));
     }
 }

@@ -38,7 +38,7 @@ impl ControlState {
                 self.stopped = true;
                 "stopped"
             }
-            ControlCommand::Reload => "reload: the mock model has no state to reload",
+            ControlCommand::Reload => "reload: nothing to reload (models reload on LoadModel)",
         }
     }
 }
@@ -112,21 +112,23 @@ impl SessionRegistry {
         self.len() == 0
     }
 
-    /// Registers (or re-registers, updating model and options) a session.
+    /// Registers (or re-registers, updating model and options) a session. On a
+    /// re-registration returns the model the session used before, whose reference the caller
+    /// must release.
     pub fn start(
         &self,
         session_id: &str,
         model_id: &str,
         options: HashMap<String, String>,
-    ) -> Result<(), StartError> {
+    ) -> Result<Option<String>, StartError> {
         if session_id.is_empty() {
             return Err(StartError::MissingId);
         }
         let mut sessions = self.lock();
         if let Some(s) = sessions.get_mut(session_id) {
-            s.model_id = model_id.to_owned();
+            let previous = std::mem::replace(&mut s.model_id, model_id.to_owned());
             s.options = options;
-            return Ok(());
+            return Ok(Some(previous));
         }
         if sessions.len() >= self.max_sessions {
             return Err(StartError::Full(self.max_sessions));
@@ -139,13 +141,14 @@ impl SessionRegistry {
                 current: None,
             },
         );
-        Ok(())
+        Ok(None)
     }
 
-    /// Removes a session; true if it existed. A synthesis still running keeps its own
-    /// control channel and finishes normally.
-    pub fn end(&self, session_id: &str) -> bool {
-        self.lock().remove(session_id).is_some()
+    /// Removes a session; returns its model if it existed (the caller releases that
+    /// reference). A synthesis still running keeps its own control channel and finishes
+    /// normally.
+    pub fn end(&self, session_id: &str) -> Option<String> {
+        self.lock().remove(session_id).map(|s| s.model_id)
     }
 
     /// Makes a new synthesis the session's current one (replacing the control target of any
@@ -231,10 +234,13 @@ mod tests {
             r.start("c", "mock", HashMap::new()),
             Err(StartError::Full(2))
         );
-        r.start("a", "mock-2", HashMap::new()).unwrap();
+        assert_eq!(
+            r.start("a", "mock-2", HashMap::new()).unwrap(),
+            Some("mock".to_owned())
+        );
         assert_eq!(r.len(), 2);
-        assert!(r.end("a"));
-        assert!(!r.end("a"));
+        assert_eq!(r.end("a"), Some("mock-2".to_owned()));
+        assert_eq!(r.end("a"), None);
         r.start("c", "mock", HashMap::new()).unwrap();
         assert_eq!(
             r.start("", "mock", HashMap::new()),

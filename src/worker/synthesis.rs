@@ -1,6 +1,9 @@
 //! One Synthesize call: text chunks in, 20 ms audio frames out, as they are produced.
 //!
-//! A single task multiplexes three event sources with `select!`: new text chunks (synthesis
+//! [`run`] validates the call (first chunk, session), registers it for Control, and hands it
+//! to the session model's engine: the mock loop below, or [`super::speech`] for espeak-ng.
+//!
+//! The mock loop multiplexes three event sources with `select!`: new text chunks (synthesis
 //! starts on each as it arrives, no waiting for `is_final`), control changes (PAUSE / RESUME /
 //! STOP of this call), and the frame clock. Because the server drops this future when the
 //! client resets the stream or the deadline passes, a cancelled call stops producing at once.
@@ -17,9 +20,10 @@ use tokio::time::Instant;
 
 use super::metrics::WorkerMetrics;
 use super::mock::{frames_for_text, MockTiming, SineGenerator};
-use super::session::{ControlState, SessionRegistry};
+use super::models::{EngineHandle, ModelManager};
+use super::session::{ControlState, SessionRegistry, SynthesisRegistration};
 use crate::audio::{FRAME_MS, SAMPLE_RATE};
-use crate::grpc::{RequestStream, ResponseSender, Status};
+use crate::grpc::{Code, RequestStream, ResponseSender, Status};
 use crate::proto::{AudioFrame, TextChunk};
 
 /// What a synthesis needs from the worker.
@@ -28,6 +32,8 @@ pub struct SynthesisContext<'a> {
     pub sessions: &'a std::sync::Arc<SessionRegistry>,
     /// Load counters.
     pub metrics: &'a WorkerMetrics,
+    /// Which engine speaks the session's model.
+    pub models: &'a ModelManager,
     /// Mock model timing.
     pub timing: MockTiming,
 }
@@ -55,6 +61,10 @@ pub async fn run(
                 first.session_id
             ))
         })?;
+    let engine = ctx
+        .models
+        .handle(&registration.model_id)
+        .map_err(|e| Status::new(Code::FailedPrecondition, format!("Synthesize: {e}")))?;
     // Accepted: answer with headers now, so the client sees the call is live even while the
     // model works on its first frame.
     responses.send_headers()?;
@@ -64,7 +74,47 @@ pub async fn run(
         model = %registration.model_id,
         "synthesis started"
     );
+    let (frames, stopped) = match engine {
+        EngineHandle::Mock => {
+            run_mock(
+                &ctx,
+                &first,
+                &mut registration,
+                &mut requests,
+                &mut responses,
+            )
+            .await?
+        }
+        EngineHandle::Espeak(voice) => {
+            super::speech::run(
+                &voice,
+                &first,
+                &mut registration,
+                &mut requests,
+                &mut responses,
+                ctx.metrics,
+            )
+            .await?
+        }
+    };
+    active.completed();
+    tracing::debug!(
+        session = %registration.session_id,
+        frames,
+        stopped,
+        "synthesis ended"
+    );
+    Ok(())
+}
 
+/// The mock model's frame loop; returns (frames sent, stopped).
+async fn run_mock(
+    ctx: &SynthesisContext<'_>,
+    first: &TextChunk,
+    registration: &mut SynthesisRegistration,
+    requests: &mut RequestStream,
+    responses: &mut ResponseSender,
+) -> Result<(i64, bool), Status> {
     let mut synth = Synthesis {
         session_id: first.session_id.clone(),
         generator: SineGenerator::new(),
@@ -76,7 +126,7 @@ pub async fn run(
         busy_since: None,
         metrics: ctx.metrics,
     };
-    synth.add_chunk(&first);
+    synth.add_chunk(first);
     let mut control = ControlState::default();
     let interval = ctx.timing.frame_interval;
 
@@ -131,14 +181,7 @@ pub async fn run(
             }
         }
     }
-    active.completed();
-    tracing::debug!(
-        session = %registration.session_id,
-        frames = synth.sequence,
-        stopped = control.stopped,
-        "synthesis ended"
-    );
-    Ok(())
+    Ok((synth.sequence, control.stopped))
 }
 
 /// Resolves at `due` (immediately if it has passed: with `--mock-frame-interval-ms 0` frames

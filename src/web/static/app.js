@@ -1,0 +1,262 @@
+// duplex web client: connects to the gateway that served this page, sends text and
+// Pause/Resume/Stop, receives binary audio frames (`?format=binary`: an 8-byte header —
+// version, flags with bit 0 = final, 2 reserved bytes, u32 LE sequence — then 1920 bytes of
+// s16le PCM) and hands them to the AudioWorklet player. Shows the figures a person wants to
+// see: first-audio latency, frames, underruns, state.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const JITTER_MS = 60;
+
+const view = {
+  text: $('text'), model: $('model'), state: $('state'), fal: $('fal'), frames: $('frames'),
+  underruns: $('underruns'), buffered: $('buffered'), voice: $('voice'), note: $('note'),
+  log: $('log'),
+};
+const buttons = { speak: $('speak'), pause: $('pause'), resume: $('resume'), stop: $('stop') };
+
+let ws = null; // the open session
+let wsModel = null; // the model asked for in its URL
+let ctx = null;
+let player = null;
+let pending = []; // utterances sent and not ended: { sentAt, first }
+let frames = 0;
+let state = 'idle';
+let discarding = false; // after Stop: frames already in flight are dropped until the end marker
+
+function log(msg) {
+  const t = new Date().toISOString().slice(11, 23);
+  view.log.textContent = `${t} ${msg}\n${view.log.textContent}`.slice(0, 20000);
+}
+
+function note(msg) {
+  view.note.hidden = !msg;
+  view.note.textContent = msg || '';
+}
+
+function setState(s) {
+  state = s;
+  view.state.textContent = s;
+  buttons.pause.disabled = !(s === 'waiting' || s === 'speaking');
+  buttons.resume.disabled = s !== 'paused';
+  buttons.stop.disabled = !(s === 'waiting' || s === 'speaking' || s === 'paused');
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// Audio is optional: without it (no AudioWorklet outside a secure context, no output device)
+// the page still receives and counts frames, and says why it is silent.
+let audioProblem = ''; // why there is no playback, if there is none
+
+function reportAudioState() {
+  if (!player) note(audioProblem);
+  else if (ctx.state === 'running') note('');
+  else note('The browser keeps audio suspended (no output device, or autoplay blocked); frames are still received and counted.');
+}
+
+async function ensureAudio() {
+  if (ctx) {
+    if (ctx.state === 'suspended') await Promise.race([ctx.resume(), sleep(300)]).catch(() => {});
+    reportAudioState();
+    return;
+  }
+  try {
+    if (!window.AudioContext) throw new Error('this browser has no Web Audio');
+    ctx = new AudioContext({ sampleRate: 48000, latencyHint: 'interactive' });
+    if (!ctx.audioWorklet) throw new Error('AudioWorklet needs a secure context (https or localhost)');
+    await ctx.audioWorklet.addModule('/audio-worklet.js');
+    player = new AudioWorkletNode(ctx, 'duplex-player', {
+      numberOfInputs: 0,
+      outputChannelCount: [1],
+      processorOptions: { jitterMs: JITTER_MS },
+    });
+    player.port.onmessage = (e) => onPlayer(e.data);
+    player.connect(ctx.destination);
+    await Promise.race([ctx.resume(), sleep(300)]);
+    log(`audio: ${ctx.sampleRate} Hz, ${JITTER_MS} ms jitter buffer, context ${ctx.state}`);
+    ctx.addEventListener('statechange', reportAudioState);
+    reportAudioState();
+  } catch (e) {
+    player = null;
+    audioProblem = `No audio playback (${e.message}); frames are still received and counted.`;
+    note(audioProblem);
+    log(`audio unavailable: ${e.message}`);
+  }
+}
+
+function onPlayer(m) {
+  if (m.type === 'stats') {
+    view.underruns.textContent = String(m.underruns);
+    view.buffered.textContent = `${m.bufferedMs} ms`;
+  }
+}
+
+function connect(model) {
+  return new Promise((resolve, reject) => {
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    let url = `${scheme}://${location.host}/?format=binary`;
+    if (model) url += `&model=${encodeURIComponent(model)}`;
+    const sock = new WebSocket(url);
+    sock.binaryType = 'arraybuffer';
+    let started = false;
+    const timer = setTimeout(() => {
+      if (!started) {
+        sock.close();
+        reject(new Error('no session_start within 10 s'));
+      }
+    }, 10000);
+    sock.onmessage = (e) => {
+      if (typeof e.data !== 'string') {
+        onAudio(e.data);
+        return;
+      }
+      let m;
+      try {
+        m = JSON.parse(e.data);
+      } catch (err) {
+        log(`unparsable message: ${e.data}`);
+        return;
+      }
+      if (!started && m.type === 'session_start') {
+        started = true;
+        clearTimeout(timer);
+        view.voice.textContent = m.model || '(server default)';
+        log(`session ${m.session_id}, model ${m.model || '?'}`);
+        resolve(sock);
+        return;
+      }
+      onJson(m);
+    };
+    sock.onerror = () => {
+      if (!started) reject(new Error(`cannot connect to ${url}`));
+    };
+    sock.onclose = (e) => {
+      clearTimeout(timer);
+      if (!started) {
+        reject(new Error(`connection closed (${e.code})`));
+        return;
+      }
+      if (ws === sock) {
+        ws = null;
+        pending = [];
+        if (state !== 'done' && state !== 'idle') setState('closed');
+        log(`connection closed (${e.code})`);
+      }
+    };
+  });
+}
+
+function onAudio(buf) {
+  const dv = new DataView(buf);
+  if (buf.byteLength < 8 || dv.getUint8(0) !== 1) {
+    log(`unexpected binary message of ${buf.byteLength} bytes`);
+    return;
+  }
+  const final = (dv.getUint8(1) & 1) === 1;
+  if (discarding) {
+    if (final) discarding = false;
+    return;
+  }
+  if (buf.byteLength > 8) {
+    const cur = pending[0];
+    if (cur && cur.first === null) {
+      cur.first = performance.now();
+      view.fal.textContent = `${Math.round(cur.first - cur.sentAt)} ms`;
+    }
+    frames += 1;
+    view.frames.textContent = String(frames);
+    if (player) {
+      const pcm = buf.slice(8);
+      player.port.postMessage({ type: 'frame', pcm }, [pcm]);
+    }
+    if (state === 'waiting') setState('speaking');
+  }
+  if (final) {
+    pending.shift();
+    if (player) player.port.postMessage({ type: 'end' });
+    if (pending.length === 0 && state !== 'stopped') setState('done');
+  }
+}
+
+function onJson(m) {
+  switch (m.type) {
+    case 'error':
+      note(`${m.code}: ${m.message}`);
+      log(`error ${m.code}: ${m.message}`);
+      break;
+    case 'interrupted':
+      log(`interrupted (${m.reason}) after ${m.played_ms} ms`);
+      break;
+    case 'session_end':
+      log(`session ended: ${m.reason}`);
+      note(`The gateway ended the session (${m.reason}).`);
+      break;
+    default:
+      break;
+  }
+}
+
+function send(obj) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
+}
+
+buttons.speak.addEventListener('click', async () => {
+  const text = view.text.value.trim();
+  if (!text) {
+    note('Type something to say.');
+    return;
+  }
+  note('');
+  buttons.speak.disabled = true;
+  try {
+    await ensureAudio();
+    const model = view.model.value.trim();
+    if (!ws || ws.readyState !== WebSocket.OPEN || model !== wsModel) {
+      if (ws) ws.close();
+      ws = null;
+      pending = [];
+      discarding = false;
+      setState('connecting');
+      ws = await connect(model);
+      wsModel = model;
+    }
+    if (pending.length === 0) {
+      frames = 0;
+      view.frames.textContent = '0';
+      view.fal.textContent = '…';
+      if (player) player.port.postMessage({ type: 'start' });
+    }
+    pending.push({ sentAt: performance.now(), first: null });
+    send({ type: 'text', text });
+    if (state !== 'speaking' && state !== 'paused') setState('waiting');
+  } catch (e) {
+    note(`Cannot reach the gateway: ${e.message}`);
+    setState('error');
+  } finally {
+    buttons.speak.disabled = false;
+  }
+});
+
+buttons.pause.addEventListener('click', () => {
+  send({ type: 'control', command: 'PAUSE' });
+  if (player) player.port.postMessage({ type: 'pause' });
+  setState('paused');
+});
+
+buttons.resume.addEventListener('click', () => {
+  send({ type: 'control', command: 'RESUME' });
+  if (player) player.port.postMessage({ type: 'resume' });
+  setState(pending.length > 0 ? 'speaking' : 'done');
+});
+
+buttons.stop.addEventListener('click', () => {
+  send({ type: 'control', command: 'STOP' });
+  if (player) player.port.postMessage({ type: 'flush' });
+  discarding = pending.length > 0;
+  pending = [];
+  setState('stopped');
+});
+
+setState('idle');
