@@ -10,6 +10,10 @@ COPY . .
 RUN cargo build --release --locked --bin duplex
 
 FROM debian:bookworm-slim
+# espeak-ng: the worker's offline voice (without it the worker has the mock voice only).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends espeak-ng \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin duplex
 COPY --from=builder /src/target/release/duplex /usr/local/bin/duplex
 USER duplex

@@ -260,7 +260,7 @@ fn worker_on_a_busy_port_exits_non_zero_naming_the_address() {
 
 #[tokio::test]
 async fn demo_alone_serves_an_utterance_end_to_end() {
-    let demo = Server::demo(&[]).await;
+    let demo = Server::demo(&["--model", "mock-440hz"]).await;
     let mut c = demo.client("").await;
     c.say("Hello from the demo.").await;
     let u = c.collect_utterance(WAIT).await;
