@@ -2,7 +2,6 @@
 //! what the server sends. Audio frames have their own fast encoders that write straight into
 //! the outgoing WebSocket frame.
 
-use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Value};
 
@@ -191,9 +190,10 @@ pub fn audio(
             if let Some(p) = pcm {
                 let start = buf.len();
                 buf.resize(start + b64_len, 0);
-                // Cannot fail: the slice has exactly the encoded length.
-                let _ =
-                    base64::engine::general_purpose::STANDARD.encode_slice(p, &mut buf[start..]);
+                // SIMD base64 (several times faster than a scalar encoder on 1920 bytes);
+                // the slice has exactly the encoded length.
+                let _ = base64_simd::STANDARD
+                    .encode(p, base64_simd::Out::from_slice(&mut buf[start..]));
             }
             buf.put_slice(JSON_MID);
             buf.put_slice(seq.as_bytes());
@@ -245,6 +245,7 @@ fn itoa_buf(mut n: u32) -> ItoaBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     #[test]
     fn parses_text_and_defaults_is_final() {
