@@ -62,3 +62,7 @@ lint:
 # Everything CI runs: lint, build, all tests, benchmark smoke test.
 ci:
     scripts/test-all.sh
+
+# Per-frame micro-benchmarks of the hot path (gRPC decode, binary and JSON frame encoding).
+bench-micro:
+    cargo bench --bench hot_path
