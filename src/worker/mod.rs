@@ -18,6 +18,7 @@ pub mod resample;
 pub mod service;
 pub mod session;
 pub mod speech;
+pub mod stamp;
 pub mod synthesis;
 pub mod wav;
 

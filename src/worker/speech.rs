@@ -32,8 +32,8 @@ use super::espeak::{ClauseProcess, VoiceRuntime};
 use super::metrics::WorkerMetrics;
 use super::resample::{Framer, StreamResampler};
 use super::session::{ControlState, SynthesisRegistration};
+use super::stamp::FrameStamp;
 use super::wav::WavReader;
-use crate::audio::{FRAME_MS, SAMPLE_RATE};
 use crate::grpc::{RequestStream, ResponseSender, Status};
 use crate::proto::{AudioFrame, TextChunk};
 
@@ -54,19 +54,16 @@ pub async fn run(
 ) -> Result<(i64, bool), Status> {
     let mut s = Speech {
         voice: voice.clone(),
-        session_id: first.session_id.clone(),
+        stamp: FrameStamp::new(first.session_id.clone(), metrics),
         splitter: ClauseSplitter::new(),
         clauses: VecDeque::new(),
         job: None,
         ready: VecDeque::new(),
         input_open: true,
-        sequence: 0,
         resampler: None,
         framer: Framer::new(),
         samples: Vec::new(),
         resampled: Vec::new(),
-        busy_since: None,
-        metrics,
         call_started: Instant::now(),
         first_frame_after: None,
     };
@@ -76,8 +73,8 @@ pub async fn run(
 
     loop {
         if control.stopped {
-            s.idle();
-            responses.send(&s.end_marker()).await?;
+            s.stamp.idle();
+            responses.send(&s.stamp.end_marker()).await?;
             break;
         }
         if s.job.is_none() {
@@ -87,9 +84,9 @@ pub async fn run(
         }
         let more_coming = s.more_coming();
         if !more_coming && s.ready.is_empty() {
-            s.idle();
+            s.stamp.idle();
             // The last frame went out before we knew it was last: close with a marker.
-            responses.send(&s.end_marker()).await?;
+            responses.send(&s.stamp.end_marker()).await?;
             break;
         }
         // Hold a clause's last frame while its process may still add to it.
@@ -97,9 +94,9 @@ pub async fn run(
             !control.paused && (s.ready.len() >= 2 || (!s.ready.is_empty() && s.job.is_none()));
         let reading = s.job.is_some() && s.ready.len() < AHEAD;
         if (sendable || reading) && !control.paused {
-            s.busy();
+            s.stamp.busy();
         } else {
-            s.idle();
+            s.stamp.idle();
         }
         tokio::select! {
             biased;
@@ -120,7 +117,7 @@ pub async fn run(
                 let last = frame.is_final;
                 responses.send(&frame).await?;
                 if last {
-                    s.idle();
+                    s.stamp.idle();
                     break;
                 }
             }
@@ -135,12 +132,12 @@ pub async fn run(
         }
     }
     tracing::debug!(
-        session = %s.session_id,
+        session = %s.stamp.session_id(),
         first_frame_ms = s.first_frame_after.map(|d| d.as_secs_f64() * 1000.0),
-        frames = s.sequence,
+        frames = s.stamp.sequence(),
         "speech ended"
     );
-    Ok((s.sequence, control.stopped))
+    Ok((s.stamp.sequence(), control.stopped))
 }
 
 /// Reads from the current clause's process (only polled when there is one).
@@ -161,7 +158,7 @@ struct Job {
 
 struct Speech<'a> {
     voice: Arc<VoiceRuntime>,
-    session_id: String,
+    stamp: FrameStamp<'a>,
     splitter: ClauseSplitter,
     /// Complete clauses not started yet.
     clauses: VecDeque<String>,
@@ -169,15 +166,11 @@ struct Speech<'a> {
     /// Frames produced, not yet sent.
     ready: VecDeque<Bytes>,
     input_open: bool,
-    /// Sequence number of the last frame sent.
-    sequence: i64,
     /// Created from the first WAV header (the voice's native rate), reused per clause.
     resampler: Option<StreamResampler>,
     framer: Framer,
     samples: Vec<i16>,
     resampled: Vec<i16>,
-    busy_since: Option<Instant>,
-    metrics: &'a WorkerMetrics,
     call_started: Instant,
     /// When the first frame left (first-audio latency inside the worker).
     first_frame_after: Option<Duration>,
@@ -253,7 +246,7 @@ impl Speech<'_> {
         self.framer.push(&self.resampled, &mut self.ready);
         self.framer.flush(&mut self.ready);
         tracing::trace!(
-            session = %self.session_id,
+            session = %self.stamp.session_id(),
             chars = job.clause_chars,
             ms = job.started.elapsed().as_secs_f64() * 1000.0,
             "clause synthesised"
@@ -269,48 +262,7 @@ impl Speech<'_> {
         if self.first_frame_after.is_none() {
             self.first_frame_after = Some(self.call_started.elapsed());
         }
-        self.sequence += 1;
-        let now = Instant::now();
-        let busy = self.busy_since.map_or(Duration::ZERO, |t| now - t);
-        self.busy_since = self.busy_since.map(|_| now);
-        self.metrics.frame_produced(busy);
-        AudioFrame {
-            session_id: self.session_id.clone(),
-            audio_data: audio,
-            sample_rate: SAMPLE_RATE as i32,
-            frame_duration_ms: FRAME_MS as i32,
-            sequence_number: self.sequence,
-            is_final: self.ready.is_empty() && !self.more_coming(),
-        }
-    }
-
-    fn end_marker(&mut self) -> AudioFrame {
-        self.sequence += 1;
-        AudioFrame {
-            session_id: self.session_id.clone(),
-            audio_data: Bytes::new(),
-            sample_rate: SAMPLE_RATE as i32,
-            frame_duration_ms: FRAME_MS as i32,
-            sequence_number: self.sequence,
-            is_final: true,
-        }
-    }
-
-    fn busy(&mut self) {
-        if self.busy_since.is_none() {
-            self.busy_since = Some(Instant::now());
-        }
-    }
-
-    fn idle(&mut self) {
-        if let Some(t) = self.busy_since.take() {
-            self.metrics.add_busy(t.elapsed());
-        }
-    }
-}
-
-impl Drop for Speech<'_> {
-    fn drop(&mut self) {
-        self.idle();
+        let is_final = self.ready.is_empty() && !self.more_coming();
+        self.stamp.frame(audio, is_final)
     }
 }

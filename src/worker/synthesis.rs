@@ -13,16 +13,13 @@
 //! closed and one frame left), otherwise it is an empty end marker. Never an empty non-final
 //! frame.
 
-use std::time::Duration;
-
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::metrics::WorkerMetrics;
 use super::mock::{frames_for_text, MockTiming, SineGenerator};
 use super::models::{EngineHandle, ModelManager};
 use super::session::{ControlState, SessionRegistry, SynthesisRegistration};
-use crate::audio::{FRAME_MS, SAMPLE_RATE};
+use super::stamp::FrameStamp;
 use crate::grpc::{Code, RequestStream, ResponseSender, Status};
 use crate::proto::{AudioFrame, TextChunk};
 
@@ -116,15 +113,12 @@ async fn run_mock(
     responses: &mut ResponseSender,
 ) -> Result<(i64, bool), Status> {
     let mut synth = Synthesis {
-        session_id: first.session_id.clone(),
+        stamp: FrameStamp::new(first.session_id.clone(), ctx.metrics),
         generator: SineGenerator::new(),
-        sequence: 0,
         pending: 0,
         input_open: true,
         next_due: Instant::now() + ctx.timing.first_frame,
         produced_any: false,
-        busy_since: None,
-        metrics: ctx.metrics,
     };
     synth.add_chunk(first);
     let mut control = ControlState::default();
@@ -132,21 +126,21 @@ async fn run_mock(
 
     loop {
         if control.stopped {
-            synth.idle();
-            responses.send(&synth.end_marker()).await?;
+            synth.stamp.idle();
+            responses.send(&synth.stamp.end_marker()).await?;
             break;
         }
         if !synth.input_open && synth.pending == 0 {
-            synth.idle();
+            synth.stamp.idle();
             // The last frame went out before we knew it was last: close with a marker.
-            responses.send(&synth.end_marker()).await?;
+            responses.send(&synth.stamp.end_marker()).await?;
             break;
         }
         let producing = synth.pending > 0 && !control.paused;
         if producing {
-            synth.busy();
+            synth.stamp.busy();
         } else {
-            synth.idle();
+            synth.stamp.idle();
         }
         let due = synth.next_due;
         tokio::select! {
@@ -174,14 +168,14 @@ async fn run_mock(
                 let last = frame.is_final;
                 responses.send(&frame).await?;
                 if last {
-                    synth.idle();
+                    synth.stamp.idle();
                     break;
                 }
                 synth.next_due = due + interval;
             }
         }
     }
-    Ok((synth.sequence, control.stopped))
+    Ok((synth.stamp.sequence(), control.stopped))
 }
 
 /// Resolves at `due` (immediately if it has passed: with `--mock-frame-interval-ms 0` frames
@@ -194,10 +188,8 @@ async fn wait_until(due: Instant) {
 
 /// State of one call's frame production.
 struct Synthesis<'a> {
-    session_id: String,
+    stamp: FrameStamp<'a>,
     generator: SineGenerator,
-    /// Sequence number of the last frame sent.
-    sequence: i64,
     /// Frames still to produce for the text received so far.
     pending: u64,
     /// False once a chunk with `is_final` arrived or the client half-closed.
@@ -205,9 +197,6 @@ struct Synthesis<'a> {
     /// When the next frame is due.
     next_due: Instant,
     produced_any: bool,
-    /// Start of the current busy period (generating, not paused), for the RTF metric.
-    busy_since: Option<Instant>,
-    metrics: &'a WorkerMetrics,
 }
 
 impl Synthesis<'_> {
@@ -225,49 +214,8 @@ impl Synthesis<'_> {
 
     fn next_frame(&mut self) -> AudioFrame {
         self.pending -= 1;
-        self.sequence += 1;
         self.produced_any = true;
-        let now = Instant::now();
-        let busy = self.busy_since.map_or(Duration::ZERO, |t| now - t);
-        self.busy_since = Some(now);
-        self.metrics.frame_produced(busy);
-        AudioFrame {
-            session_id: self.session_id.clone(),
-            audio_data: self.generator.next_frame(),
-            sample_rate: SAMPLE_RATE as i32,
-            frame_duration_ms: FRAME_MS as i32,
-            sequence_number: self.sequence,
-            is_final: self.pending == 0 && !self.input_open,
-        }
-    }
-
-    fn end_marker(&mut self) -> AudioFrame {
-        self.sequence += 1;
-        AudioFrame {
-            session_id: self.session_id.clone(),
-            audio_data: Bytes::new(),
-            sample_rate: SAMPLE_RATE as i32,
-            frame_duration_ms: FRAME_MS as i32,
-            sequence_number: self.sequence,
-            is_final: true,
-        }
-    }
-
-    fn busy(&mut self) {
-        if self.busy_since.is_none() {
-            self.busy_since = Some(Instant::now());
-        }
-    }
-
-    fn idle(&mut self) {
-        if let Some(t) = self.busy_since.take() {
-            self.metrics.add_busy(t.elapsed());
-        }
-    }
-}
-
-impl Drop for Synthesis<'_> {
-    fn drop(&mut self) {
-        self.idle();
+        let is_final = self.pending == 0 && !self.input_open;
+        self.stamp.frame(self.generator.next_frame(), is_final)
     }
 }
