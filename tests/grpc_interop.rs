@@ -6,9 +6,11 @@
 //! `tonic_prost::ProstCodec` and hand-written routing, so both sides share only the prost
 //! message types (the wire contract) and nothing else.
 
+mod common;
+
+use common::spawn::Spawned as Worker;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -34,51 +36,6 @@ const WAIT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------
 // (a) tonic client -> our worker binary
 // ---------------------------------------------------------------------------------------
-
-/// A `duplex worker` child process, killed when dropped.
-struct Worker {
-    child: Child,
-    addr: String,
-}
-
-impl Worker {
-    fn start(extra: &[&str]) -> Worker {
-        for _ in 0..5 {
-            let port = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().port()
-            };
-            let addr = format!("127.0.0.1:{port}");
-            let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-                .args(["worker", "--listen", &addr])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn duplex worker");
-            let t0 = std::time::Instant::now();
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if std::net::TcpStream::connect(&addr).is_ok() {
-                    return Worker { child, addr };
-                }
-                assert!(t0.elapsed() < WAIT, "worker did not start listening");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        panic!("could not start a worker");
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Minimal typed tonic client (what tonic-build would generate, by hand).
 struct TonicTts {
@@ -180,7 +137,7 @@ async fn next_frame(stream: &mut Streaming<AudioFrame>) -> Result<Option<AudioFr
 
 #[tokio::test]
 async fn tonic_client_calls_all_eight_rpcs_of_our_worker() {
-    let w = Worker::start(&[]);
+    let w = Worker::worker(&[]);
     let mut c = TonicTts::connect(&w.addr).await;
 
     c.start("t1").await;
@@ -307,7 +264,7 @@ async fn tonic_client_calls_all_eight_rpcs_of_our_worker() {
 
 #[tokio::test]
 async fn tonic_deadline_against_a_slow_worker_is_deadline_exceeded() {
-    let w = Worker::start(&["--mock-first-frame-ms", "2000"]);
+    let w = Worker::worker(&["--mock-first-frame-ms", "2000"]);
     let mut c = TonicTts::connect(&w.addr).await;
     c.start("slow").await;
     let mut req = Request::new(tokio_stream::iter(vec![chunk("slow", "wait for it", true)]));
@@ -330,7 +287,7 @@ async fn tonic_deadline_against_a_slow_worker_is_deadline_exceeded() {
 
 #[tokio::test]
 async fn tonic_dropping_the_stream_ends_the_worker_synthesis() {
-    let w = Worker::start(&["--mock-frame-interval-ms", "200"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "200"]);
     let mut c = TonicTts::connect(&w.addr).await;
     c.start("cx").await;
     let mut frames = c

@@ -6,12 +6,15 @@
 //! These tests need espeak-ng (`apt-get install espeak-ng`, done by scripts/test-all.sh) and
 //! fail with that message when it is missing. Every wait is bounded; children die on drop.
 
+mod common;
+
+use common::spawn::Spawned;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
-use duplex::grpc::{ClientOptions, ResponseStream, TtsClient};
+use duplex::grpc::{ResponseStream, TtsClient};
 use duplex::proto::{
     AudioFrame, ControlCommand, ControlRequest, EndSessionRequest, LoadModelRequest, ModelInfo,
     StartSessionRequest, TextChunk, UnloadModelRequest,
@@ -39,65 +42,10 @@ fn require_espeak() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `duplex` child process, killed when dropped.
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Proc {
-    /// Starts `duplex SUBCOMMAND --listen ADDR EXTRA...` and waits until it accepts.
-    fn start(subcommand: &str, extra: &[&str]) -> Proc {
-        require_espeak();
-        for _ in 0..5 {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-                .args([subcommand, "--listen", &addr])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn duplex");
-            let t0 = std::time::Instant::now();
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port raced away: try another
-                }
-                if std::net::TcpStream::connect(&addr).is_ok() {
-                    return Proc { child, addr };
-                }
-                assert!(t0.elapsed() < WAIT, "duplex {subcommand} did not start");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        panic!("could not start duplex {subcommand}");
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    async fn client(&self) -> TtsClient {
-        TtsClient::connect(&format!("grpc://{}", self.addr), &ClientOptions::default())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `duplex SUBCOMMAND` (see [`Spawned::start`]) once espeak-ng is known to be there.
+fn start(subcommand: &str, extra: &[&str]) -> Spawned {
+    require_espeak();
+    Spawned::start(subcommand, extra)
 }
 
 async fn start_session(client: &TtsClient, id: &str, model: &str) -> (bool, String) {
@@ -247,7 +195,7 @@ async fn collect_rest(rx: &mut ResponseStream<AudioFrame>) {
 
 #[tokio::test]
 async fn espeak_audio_is_real_speech_in_exact_frames() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     let (ok, msg) = start_session(&client, "s", "espeak-en-us").await;
     assert!(ok, "{msg}");
@@ -287,7 +235,7 @@ async fn espeak_audio_is_real_speech_in_exact_frames() {
 
 #[tokio::test]
 async fn a_longer_text_gives_proportionally_more_frames() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     assert!(start_session(&client, "s", "espeak-en-gb").await.0);
     let one = audio_frames(&speak(&client, "s", SHORT).await);
@@ -304,7 +252,7 @@ async fn a_longer_text_gives_proportionally_more_frames() {
 
 #[tokio::test]
 async fn first_audio_latency_does_not_grow_with_text_length() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     assert!(start_session(&client, "s", "espeak-en-us").await.0);
     let first = "Good morning everyone.";
@@ -337,7 +285,7 @@ async fn first_audio_latency_does_not_grow_with_text_length() {
 
 #[tokio::test]
 async fn streamed_text_starts_speaking_when_a_clause_is_complete() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     assert!(start_session(&client, "s", "espeak-en-us").await.0);
     let (mut tx, mut rx) = client.synthesize(None).await.unwrap();
@@ -381,7 +329,7 @@ async fn streamed_text_starts_speaking_when_a_clause_is_complete() {
 
 #[tokio::test]
 async fn pause_mid_sentence_stops_frames_and_resume_finishes_them() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     assert!(start_session(&client, "p", "espeak-en-us").await.0);
     // ~30 s of speech: far more than the client's 1 MiB stream window (~546 frames) holds,
@@ -530,7 +478,7 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
 
 #[tokio::test]
 async fn models_load_list_and_unload_with_a_warm_process() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     let all = models(&client).await;
     assert!(all["mock-440hz"].is_loaded, "the default model is resident");
@@ -542,7 +490,7 @@ async fn models_load_list_and_unload_with_a_warm_process() {
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
     let langs = caps.capabilities.unwrap().languages;
     assert!(langs.contains(&"en".to_owned()) && langs.contains(&"de".to_owned()));
-    assert_eq!(espeak_children(w.pid()), 0);
+    assert_eq!(espeak_children(w.pid() as u32), 0);
 
     let (ok, msg, ms) = load(&client, "espeak-de").await;
     assert!(ok, "{msg}");
@@ -554,7 +502,7 @@ async fn models_load_list_and_unload_with_a_warm_process() {
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
     assert!(caps.resident_models.contains(&"espeak-de".to_owned()));
     assert_eq!(caps.metrics["resident_models"], 2.0);
-    let pid = w.pid();
+    let pid = w.pid() as u32;
     wait_until("a warm espeak-ng process", || async move {
         espeak_children(pid) == 1
     })
@@ -575,7 +523,7 @@ async fn models_load_list_and_unload_with_a_warm_process() {
 
 #[tokio::test]
 async fn references_are_counted_per_session() {
-    let w = Proc::start("worker", &[]);
+    let w = start("worker", &[]);
     let client = w.client().await;
     assert!(start_session(&client, "a", "espeak-en-gb").await.0);
     assert!(start_session(&client, "b", "espeak-en-gb").await.0);
@@ -606,7 +554,7 @@ async fn references_are_counted_per_session() {
 
 #[tokio::test]
 async fn idle_models_are_evicted_after_the_ttl_but_not_while_in_use() {
-    let w = Proc::start("worker", &["--model-ttl-secs", "1"]);
+    let w = start("worker", &["--model-ttl-secs", "1"]);
     let client = w.client().await;
     let (ok, msg, _) = load(&client, "espeak-fr-fr").await;
     assert!(ok, "{msg}");
@@ -635,7 +583,7 @@ async fn idle_models_are_evicted_after_the_ttl_but_not_while_in_use() {
 
 #[tokio::test]
 async fn the_resident_cap_evicts_the_least_recently_used_model() {
-    let w = Proc::start(
+    let w = start(
         "worker",
         &["--max-resident-models", "3", "--preload", "espeak-en-us"],
     );
@@ -684,7 +632,7 @@ async fn the_resident_cap_evicts_the_least_recently_used_model() {
 
 #[tokio::test]
 async fn without_espeak_the_worker_runs_with_the_mock_and_says_why() {
-    let w = Proc::start("worker", &["--espeak-binary", "/nonexistent/espeak-ng"]);
+    let w = start("worker", &["--espeak-binary", "/nonexistent/espeak-ng"]);
     let client = w.client().await;
     let all = models(&client).await;
     assert!(
@@ -719,7 +667,7 @@ async fn recv_json(
 
 #[tokio::test]
 async fn demo_speaks_with_espeak_and_pause_mid_sentence_stops_frames() {
-    let demo = Proc::start("demo", &[]);
+    let demo = start("demo", &[]);
     let (mut ws, _) = timeout(
         WAIT,
         tokio_tungstenite::connect_async(format!("ws://{}/", demo.addr)),

@@ -3,8 +3,11 @@
 //! Every test spawns its own worker on a free loopback port (killed on drop) and bounds every
 //! wait with a timeout, so a broken worker fails a test instead of hanging it.
 
+mod common;
+
+use common::spawn::Spawned as Worker;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use duplex::grpc::{ClientOptions, Code, Status, TtsClient};
@@ -16,63 +19,6 @@ use tokio::time::{timeout, Instant};
 
 /// Upper bound for any single wait; generous because the machine is shared and noisy.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A `duplex worker` child process, killed when dropped.
-struct Worker {
-    child: Child,
-    addr: String,
-}
-
-impl Worker {
-    fn start(extra: &[&str]) -> Worker {
-        for _ in 0..5 {
-            let port = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().port()
-            };
-            let addr = format!("127.0.0.1:{port}");
-            let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-                .args(["worker", "--listen", &addr])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn duplex worker");
-            let t0 = std::time::Instant::now();
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port raced away: try another
-                }
-                if std::net::TcpStream::connect(&addr).is_ok() {
-                    return Worker { child, addr };
-                }
-                assert!(t0.elapsed() < WAIT, "worker did not start listening");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        panic!("could not start a worker");
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    async fn client(&self) -> TtsClient {
-        TtsClient::connect(&format!("grpc://{}", self.addr), &ClientOptions::default())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // SIGCONT first in case a test stopped it.
-        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn start_session(client: &TtsClient, id: &str) {
     let r = client
@@ -175,7 +121,7 @@ async fn wait_metric(client: &TtsClient, key: &str, want: impl Fn(f64) -> bool) 
 
 #[tokio::test]
 async fn one_chunk_gives_25_frames_of_sine_with_data_on_the_final_one() {
-    let w = Worker::start(&[]);
+    let w = Worker::worker(&[]);
     let client = w.client().await;
     start_session(&client, "s1").await;
     let (mut tx, mut rx) = client.synthesize(Some(WAIT)).await.unwrap();
@@ -198,7 +144,7 @@ async fn one_chunk_gives_25_frames_of_sine_with_data_on_the_final_one() {
 
 #[tokio::test]
 async fn unknown_session_is_not_found_and_missing_id_is_invalid_argument() {
-    let w = Worker::start(&[]);
+    let w = Worker::worker(&[]);
     let client = w.client().await;
     let (mut tx, mut rx) = client.synthesize(Some(WAIT)).await.unwrap();
     tx.send(&text("nobody", "hi", true)).unwrap();
@@ -220,7 +166,7 @@ async fn unknown_session_is_not_found_and_missing_id_is_invalid_argument() {
 #[tokio::test]
 async fn stop_in_one_session_leaves_the_other_untouched_and_resets_for_the_next_call() {
     // 25 frames take ~1.25 s at 50 ms per frame: room to STOP in the middle.
-    let w = Worker::start(&["--mock-frame-interval-ms", "50"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "50"]);
     let client = w.client().await;
     start_session(&client, "A").await;
     start_session(&client, "B").await;
@@ -263,7 +209,7 @@ async fn stop_in_one_session_leaves_the_other_untouched_and_resets_for_the_next_
 
 #[tokio::test]
 async fn pause_holds_frames_and_resume_completes_them() {
-    let w = Worker::start(&["--mock-frame-interval-ms", "50"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "50"]);
     let client = w.client().await;
     start_session(&client, "p").await;
     let (mut tx, mut rx) = client.synthesize(Some(WAIT)).await.unwrap();
@@ -299,7 +245,7 @@ async fn pause_holds_frames_and_resume_completes_them() {
 
 #[tokio::test]
 async fn streamed_chunks_synthesise_as_they_arrive() {
-    let w = Worker::start(&["--mock-frame-interval-ms", "0"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "0"]);
     let client = w.client().await;
     start_session(&client, "st").await;
     let (mut tx, mut rx) = client.synthesize(Some(WAIT)).await.unwrap();
@@ -344,7 +290,7 @@ async fn streamed_chunks_synthesise_as_they_arrive() {
 
 #[tokio::test]
 async fn unknown_method_is_unimplemented() {
-    let w = Worker::start(&[]);
+    let w = Worker::worker(&[]);
     let client = w.client().await;
     let err = client
         .client()
@@ -372,7 +318,7 @@ async fn unknown_method_is_unimplemented() {
 
 #[tokio::test]
 async fn sessions_models_and_capabilities() {
-    let w = Worker::start(&["--max-sessions", "2"]);
+    let w = Worker::worker(&["--max-sessions", "2"]);
     let client = w.client().await;
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
     let c = caps.capabilities.unwrap();
@@ -485,7 +431,7 @@ async fn sessions_models_and_capabilities() {
 #[tokio::test]
 async fn dropping_the_call_cancels_the_synthesis_on_the_worker() {
     // 25 frames at 200 ms each would take 5 s: the cancel must end it long before.
-    let w = Worker::start(&["--mock-frame-interval-ms", "200"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "200"]);
     let client = w.client().await;
     start_session(&client, "c").await;
     let (mut tx, mut rx) = client.synthesize(None).await.unwrap();
@@ -502,7 +448,7 @@ async fn dropping_the_call_cancels_the_synthesis_on_the_worker() {
 
 #[tokio::test]
 async fn deadline_shorter_than_the_first_frame_is_deadline_exceeded() {
-    let w = Worker::start(&["--mock-first-frame-ms", "2000"]);
+    let w = Worker::worker(&["--mock-first-frame-ms", "2000"]);
     let client = w.client().await;
     start_session(&client, "d").await;
     let (mut tx, mut rx) = client
@@ -518,7 +464,7 @@ async fn deadline_shorter_than_the_first_frame_is_deadline_exceeded() {
 
 #[tokio::test]
 async fn killed_worker_fails_open_calls_with_unavailable() {
-    let w = Worker::start(&["--mock-frame-interval-ms", "100"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "100"]);
     let client = w.client().await;
     start_session(&client, "k").await;
     let (mut tx, mut rx) = client.synthesize(None).await.unwrap();
@@ -547,7 +493,7 @@ async fn killed_worker_fails_open_calls_with_unavailable() {
 
 #[tokio::test]
 async fn stopped_worker_is_detected_by_keepalive() {
-    let w = Worker::start(&["--mock-frame-interval-ms", "100"]);
+    let w = Worker::worker(&["--mock-frame-interval-ms", "100"]);
     let opts = ClientOptions {
         connect_timeout: Duration::from_secs(2),
         keepalive_interval: Duration::from_millis(200),
@@ -576,7 +522,7 @@ async fn stopped_worker_is_detected_by_keepalive() {
 
 #[test]
 fn sigterm_exits_zero() {
-    let mut w = Worker::start(&[]);
+    let mut w = Worker::worker(&[]);
     unsafe { libc::kill(w.pid(), libc::SIGTERM) };
     let t0 = std::time::Instant::now();
     let status = loop {

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod spawn;
 
 use std::fs::File;
 use std::io::Read as _;
