@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::spawn::control;
 use common::spawn::Spawned;
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -16,7 +17,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use duplex::grpc::{ResponseStream, TtsClient};
 use duplex::proto::{
-    AudioFrame, ControlCommand, ControlRequest, EndSessionRequest, LoadModelRequest, ModelInfo,
+    AudioFrame, ControlCommand, EndSessionRequest, LoadModelRequest, ModelInfo,
     StartSessionRequest, TextChunk, UnloadModelRequest,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -74,20 +75,6 @@ async fn end_session(client: &TtsClient, id: &str) {
         .await
         .unwrap();
     assert!(r.success);
-}
-
-async fn control(client: &TtsClient, session: &str, command: ControlCommand) {
-    let r = client
-        .control(
-            &ControlRequest {
-                session_id: session.into(),
-                command: command as i32,
-            },
-            Some(WAIT),
-        )
-        .await
-        .unwrap();
-    assert!(r.success, "{}", r.message);
 }
 
 fn chunk(session: &str, text: &str, is_final: bool) -> TextChunk {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::spawn::control;
 use common::spawn::Spawned as Worker;
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -42,20 +43,6 @@ fn text(session: &str, text: &str, is_final: bool) -> TextChunk {
         is_final,
         sequence_number: 0,
     }
-}
-
-async fn control(client: &TtsClient, session: &str, command: ControlCommand) {
-    let r = client
-        .control(
-            &ControlRequest {
-                session_id: session.into(),
-                command: command as i32,
-            },
-            Some(WAIT),
-        )
-        .await
-        .unwrap();
-    assert!(r.success, "{}", r.message);
 }
 
 async fn next(rx: &mut duplex::grpc::ResponseStream<AudioFrame>) -> Option<AudioFrame> {

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use duplex::grpc::{ClientOptions, TtsClient};
+use duplex::proto::{ControlCommand, ControlRequest};
 
 /// Upper bound for the process to start listening.
 const START: Duration = Duration::from_secs(10);
@@ -71,4 +72,19 @@ impl Drop for Spawned {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a playback command for `session` and checks the worker accepted it.
+pub async fn control(client: &TtsClient, session: &str, command: ControlCommand) {
+    let r = client
+        .control(
+            &ControlRequest {
+                session_id: session.into(),
+                command: command as i32,
+            },
+            Some(START),
+        )
+        .await
+        .expect("Control");
+    assert!(r.success, "{}", r.message);
 }
