@@ -8,7 +8,7 @@
 //! Layout: [`client`] is the timestamping WebSocket client, [`utterance`] the per-utterance
 //! measurement (the definitions), [`stats`] the histograms, [`procfs`] resource figures,
 //! [`stack`]/[`sut`] the system under test, [`floor`] the echo server for the floor, `scenarios`
-//! the thirteen scenarios, and [`report`] the tables and JSON.
+//! the fourteen scenarios, and [`report`] the tables and JSON.
 //!
 //! Exit status: non-zero only when correctness fails (frames lost, sequences wrong, end markers
 //! missing, a scenario could not run) — never because a speed target was missed.
@@ -48,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "long_session",
     "barge_in",
     "scale",
+    "soak",
 ];
 
 /// Audio format for the scale sweep.
@@ -211,7 +212,9 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
     };
     let mut reports: Vec<ScenarioReport> = Vec::new();
     // FAL ratios need the floor even when it is not selected; measure it quietly then.
-    let needs_floor = selected.iter().any(|s| *s != "floor" && *s != "scale");
+    let needs_floor = selected
+        .iter()
+        .any(|s| !matches!(*s, "floor" | "scale" | "soak"));
     if needs_floor && !selected.contains(&"floor") {
         let r = scenarios::run_one("floor", &mut ctx).await;
         ctx.floor = r
@@ -306,8 +309,8 @@ mod tests {
     }
 
     #[test]
-    fn there_are_thirteen_stable_scenarios() {
-        assert_eq!(SCENARIOS.len(), 13);
+    fn there_are_fourteen_stable_scenarios() {
+        assert_eq!(SCENARIOS.len(), 14);
         for s in SCENARIOS {
             assert!(s
                 .chars()

@@ -12,6 +12,7 @@ mod floor_rtt;
 mod integrity;
 mod long_session;
 mod scale;
+mod soak;
 mod stream;
 
 use std::time::{Duration, Instant};
@@ -51,6 +52,7 @@ pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
         "long_session" => long_session::run(ctx).await,
         "barge_in" => barge_in::run(ctx).await,
         "scale" => scale::run(ctx).await,
+        "soak" => soak::run(ctx).await,
         other => Err(anyhow::anyhow!("no scenario named {other}")),
     };
     let mut r = res.unwrap_or_else(|e| {
