@@ -101,6 +101,19 @@ pub struct BenchArgs {
     /// Extra argument for the worker we start (repeatable), e.g. --worker-arg=--name=bench.
     #[arg(long = "worker-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// Run the selected scenarios twice, first against this binary ("before"), then against
+    /// --server-bin ("after"), and end with a before/after table of every shared figure.
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    pub baseline_bin: Option<PathBuf>,
+    /// Orchestrator argument for the "before" run only (repeatable). Without --baseline-bin it
+    /// compares two configurations of the same binary, e.g. --baseline-serve-arg=--coalesce-us=0.
+    #[arg(
+        long = "baseline-serve-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        conflicts_with = "url"
+    )]
+    pub baseline_serve_args: Vec<String>,
     /// Directory for the spawned processes' logs (default: a temp directory).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -173,29 +186,48 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
     };
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("create log dir {}", log_dir.display()))?;
+    let spawned = |bin: Option<&std::path::Path>, serve_args: &[String], dir: PathBuf| {
+        Ok::<_, anyhow::Error>(Sut::Spawned {
+            opts: stack::StackOpts {
+                bin: stack::server_bin(bin)?,
+                log_dir: dir,
+                mock_frame_interval_ms: 0,
+                serve_args: serve_args.to_vec(),
+                worker_args: args.worker_args.clone(),
+                worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
+            },
+            stack: None,
+        })
+    };
     let sut = match &args.url {
         Some(u) => Sut::External {
             url: client::WsUrl::parse(u)?,
             pid: args.pid,
         },
-        None => Sut::Spawned {
-            opts: stack::StackOpts {
-                bin: stack::server_bin(args.server_bin.as_deref())?,
-                log_dir: log_dir.clone(),
-                mock_frame_interval_ms: 0,
-                serve_args: args.serve_args.clone(),
-                worker_args: args.worker_args.clone(),
-                worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
-            },
-            stack: None,
-        },
+        None => spawned(
+            args.server_bin.as_deref(),
+            &args.serve_args,
+            log_dir.clone(),
+        )?,
     };
-    let mode = format!(
+    let baseline = if args.baseline_bin.is_some() || !args.baseline_serve_args.is_empty() {
+        let dir = log_dir.join("before");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("create log dir {}", dir.display()))?;
+        let bin = args.baseline_bin.as_deref().or(args.server_bin.as_deref());
+        Some(spawned(bin, &args.baseline_serve_args, dir)?)
+    } else {
+        None
+    };
+    let mut mode = format!(
         "{} run; {}; child logs in {}",
         if args.quick { "quick" } else { "full" },
         sut.describe(),
         log_dir.display()
     );
+    if let Some(b) = &baseline {
+        mode = format!("{mode}; before/after against {}", b.describe());
+    }
     println!("{}", report::render_header(&machine, &mode));
     if machine.profile == "debug" && ctx_spawns(&args) {
         println!(
@@ -205,51 +237,23 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
     }
     let started = Instant::now();
     let gen_cpu = procfs::SelfCpu::start();
-    let mut ctx = Ctx {
-        args: args.clone(),
-        sut,
-        floor: None,
-    };
-    let mut reports: Vec<ScenarioReport> = Vec::new();
-    // FAL ratios need the floor even when it is not selected; measure it quietly then.
-    let needs_floor = selected
-        .iter()
-        .any(|s| !matches!(*s, "floor" | "scale" | "soak"));
-    if needs_floor && !selected.contains(&"floor") {
-        let r = scenarios::run_one("floor", &mut ctx).await;
-        ctx.floor = r
-            .data
-            .get("rtt")
-            .and_then(|v| serde_json::from_value(v.clone()).ok());
-    }
-    for name in &selected {
-        let r = scenarios::run_one(name, &mut ctx).await;
-        if *name == "floor" {
-            ctx.floor = r
-                .data
-                .get("rtt")
-                .and_then(|v| serde_json::from_value(v.clone()).ok());
+    let before = match baseline {
+        Some(b) => {
+            println!("\n######## BEFORE: {}", b.describe());
+            let pass = run_pass(&args, b, &selected).await;
+            println!("\n######## AFTER: {}", sut.describe());
+            Some(pass)
         }
-        print!("{}", r.render());
-        reports.push(r);
+        None => None,
+    };
+    let (reports, floor) = run_pass(&args, sut, &selected).await;
+    if let Some((b, _)) = &before {
+        print!("{}", report::render_comparison(b, &reports));
     }
-    // Stop our servers before writing the verdict.
-    drop(ctx.sut);
     let total_s = started.elapsed().as_secs_f64();
-    let problems: Vec<String> = reports
-        .iter()
-        .flat_map(|r| {
-            let mut p: Vec<String> = r
-                .problems
-                .iter()
-                .map(|p| format!("{}: {p}", r.name))
-                .collect();
-            if let Status::Error(e) = &r.status {
-                p.push(format!("{}: could not run: {e}", r.name));
-            }
-            p
-        })
-        .collect();
+    let problems = problems_of(&reports);
+    // A baseline is expected to fall short; its problems are reported, never fatal.
+    let baseline_problems = before.as_ref().map(|(b, _)| problems_of(b));
     println!(
         "\ntotal {:.1} s, generator CPU {:.0} % of a core on average",
         total_s,
@@ -270,8 +274,13 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
                 .iter()
                 .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
                 .collect::<serde_json::Map<_, _>>(),
-            "floor_rtt": ctx.floor,
+            "floor_rtt": floor,
             "scenarios": reports,
+            "baseline": before.as_ref().map(|(b, f)| serde_json::json!({
+                "floor_rtt": f,
+                "scenarios": b,
+                "correctness_problems": baseline_problems,
+            })),
             "total_s": total_s,
             "generator_cpu_percent": gen_cpu.percent(),
             "correctness_problems": problems,
@@ -279,6 +288,12 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
         let text = serde_json::to_string_pretty(&doc)?;
         std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
         println!("JSON report written to {}", path.display());
+    }
+    if let Some(bp) = baseline_problems.filter(|p| !p.is_empty()) {
+        println!("baseline (before) correctness problems, not counted:");
+        for p in &bp {
+            println!("  - {p}");
+        }
     }
     if problems.is_empty() {
         println!("correctness: ok (speed figures never fail the run)");
@@ -293,6 +308,62 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
             problems.len()
         )
     }
+}
+
+/// Runs `selected` against `sut`, printing each table as it completes; stops the servers it
+/// started before returning the reports and the floor.
+async fn run_pass(
+    args: &BenchArgs,
+    sut: Sut,
+    selected: &[&'static str],
+) -> (Vec<ScenarioReport>, Option<Summary>) {
+    let mut ctx = Ctx {
+        args: args.clone(),
+        sut,
+        floor: None,
+    };
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    // FAL ratios need the floor even when it is not selected; measure it quietly then.
+    let needs_floor = selected
+        .iter()
+        .any(|s| !matches!(*s, "floor" | "scale" | "soak"));
+    if needs_floor && !selected.contains(&"floor") {
+        let r = scenarios::run_one("floor", &mut ctx).await;
+        ctx.floor = r
+            .data
+            .get("rtt")
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+    }
+    for name in selected {
+        let r = scenarios::run_one(name, &mut ctx).await;
+        if *name == "floor" {
+            ctx.floor = r
+                .data
+                .get("rtt")
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+        }
+        print!("{}", r.render());
+        reports.push(r);
+    }
+    (reports, ctx.floor)
+}
+
+/// Every correctness problem of `reports`, prefixed with its scenario.
+fn problems_of(reports: &[ScenarioReport]) -> Vec<String> {
+    reports
+        .iter()
+        .flat_map(|r| {
+            let mut p: Vec<String> = r
+                .problems
+                .iter()
+                .map(|p| format!("{}: {p}", r.name))
+                .collect();
+            if let Status::Error(e) = &r.status {
+                p.push(format!("{}: could not run: {e}", r.name));
+            }
+            p
+        })
+        .collect()
 }
 
 #[cfg(test)]

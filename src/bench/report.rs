@@ -363,6 +363,88 @@ impl ScenarioReport {
     }
 }
 
+/// The before/after table of a `--baseline-bin` / `--baseline-serve-arg` run: every figure that
+/// both runs produced, side by side, with after / before.
+///
+/// Why every row rather than a chosen few: a comparison that only shows what improved is an
+/// advertisement; regressions must be as visible as gains.
+pub fn render_comparison(before: &[ScenarioReport], after: &[ScenarioReport]) -> String {
+    let mut lines: Vec<[String; 4]> = Vec::new();
+    for a in after {
+        let Some(b) = before.iter().find(|b| b.name == a.name) else {
+            continue;
+        };
+        for row in &a.rows {
+            let Some(va) = row.value else {
+                continue;
+            };
+            let Some(vb) = b
+                .rows
+                .iter()
+                .find(|r| r.metric == row.metric)
+                .and_then(|r| r.value)
+            else {
+                continue;
+            };
+            let ratio = if vb != 0.0 {
+                format!("{:.2}x", va / vb)
+            } else if va == 0.0 {
+                "=".to_string()
+            } else {
+                "-".to_string()
+            };
+            lines.push([
+                format!("{} · {}", a.name, row.metric),
+                fmt_num(vb, row.unit),
+                fmt_num(va, row.unit),
+                ratio,
+            ]);
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n== before / after == the same scenarios in one command, before first; \
+         after/before < 1 is lower (better for latency, jitter, CPU, memory; worse for counts \
+         of completed work)"
+    );
+    if lines.is_empty() {
+        let _ = writeln!(out, "  (no figure was produced by both runs)");
+        return out;
+    }
+    let head = [
+        "metric".to_string(),
+        "before".to_string(),
+        "after".to_string(),
+        "after/before".to_string(),
+    ];
+    let w: Vec<usize> = (0..4)
+        .map(|i| {
+            lines
+                .iter()
+                .chain(std::iter::once(&head))
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for l in std::iter::once(&head).chain(&lines) {
+        let _ = writeln!(
+            out,
+            "  {:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}",
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3]
+        );
+    }
+    out
+}
+
 /// The report header: definitions, machine, mode.
 pub fn render_header(machine: &super::procfs::Machine, mode: &str) -> String {
     let mut out = String::new();
@@ -447,6 +529,29 @@ mod tests {
         assert_eq!(v["detail"], "no PAUSE");
         assert_eq!(v["data"]["fal"], 1.5);
         assert_eq!(v["rows"][0]["seed"]["cmp"], "<");
+    }
+
+    #[test]
+    fn comparison_pairs_rows_by_scenario_and_metric() {
+        let mk = |fal: f64, cpu: Option<f64>| {
+            let mut r = ScenarioReport::new("scale", "");
+            r.row(Row::new("N=1 FAL p99", Some(fal), Unit::Ms, None, None));
+            r.row(Row::new("N=1 CPU", cpu, Unit::Percent, None, None));
+            r.row(Row::text("orchestrator resources", "n/a"));
+            r
+        };
+        let s = render_comparison(&[mk(2.0, None)], &[mk(1.0, Some(3.0))]);
+        assert!(s.contains("scale · N=1 FAL p99"), "{s}");
+        assert!(s.contains("2.000 ms"), "{s}");
+        assert!(s.contains("1.000 ms"), "{s}");
+        assert!(s.contains("0.50x"), "{s}");
+        // A figure only one side has is left out rather than shown against nothing.
+        assert!(!s.contains("N=1 CPU"), "{s}");
+        let none = render_comparison(&[], &[mk(1.0, None)]);
+        assert!(
+            none.contains("no figure was produced by both runs"),
+            "{none}"
+        );
     }
 
     #[test]
