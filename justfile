@@ -38,18 +38,10 @@ test-performance *ARGS:
 bench *ARGS:
     cargo run --release -- bench {{ARGS}}
 
-# The commit "before" is compared against: the first commit where the orchestrator and the real
-# worker ran together (23ce6be, before the hot-path work of issue 4 landed on top of it).
-baseline := env_var_or_default("DUPLEX_BASELINE", "23ce6be")
-
-# Before/after from one command: builds {{baseline}} in target/baseline (a git worktree), then
-# runs the same scenarios against it and against this tree and prints both plus the table.
+# Before/after for issue 4 from one command: builds the baseline commit (DUPLEX_BASELINE,
+# default 23ce6be) in a worktree under target/baseline and compares it with this tree.
 bench-before-after *ARGS:
-    cargo build --release
-    test -d target/baseline/src || git worktree add --detach target/baseline/src {{baseline}}
-    git -C target/baseline/src checkout --quiet --detach {{baseline}}
-    CARGO_TARGET_DIR=target/baseline/target cargo build --release --manifest-path target/baseline/src/Cargo.toml
-    target/release/duplex bench --only fal_single,frame_jitter,barge_in,scale,soak --baseline-bin target/baseline/target/release/duplex {{ARGS}}
+    scripts/bench-before-after.sh {{ARGS}}
 
 # A throwaway local Redis on port 6380 (for registry/discovery work).
 redis:
