@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::grpc::tts::TtsClient;
+use crate::grpc::tts::{AudioPayload, TtsClient};
 use crate::grpc::{ClientOptions, RequestSink, ResponseStream, Status};
 use crate::proto;
 use crate::registry::{choose, Candidate, Discovery, WorkerRecord};
@@ -305,14 +305,8 @@ pub async fn start_session(
 /// Opens the bidirectional synthesis stream.
 pub async fn synthesize(
     client: &TtsClient,
-) -> Result<
-    (
-        RequestSink<proto::TextChunk>,
-        ResponseStream<proto::AudioFrame>,
-    ),
-    Status,
-> {
-    client.synthesize(None).await
+) -> Result<(RequestSink<proto::TextChunk>, ResponseStream<AudioPayload>), Status> {
+    client.synthesize_audio(None).await
 }
 
 /// Sends a playback command for the session's current synthesis.

@@ -123,3 +123,43 @@ fn json_frames_allocate_at_most_once_per_frame() {
     );
     assert_eq!(batch.len(), 1);
 }
+
+/// The other half of the path: the worker's `AudioFrame` as it comes out of the gRPC decoder.
+/// The full message would allocate its `session_id` on every frame; the orchestrator's
+/// `AudioPayload` view must not allocate at all, and its PCM must be a slice of the input.
+#[test]
+fn decoding_a_worker_frame_allocates_nothing() {
+    use duplex::grpc::codec::{decode, encode};
+    use duplex::grpc::tts::AudioPayload;
+    use duplex::proto::AudioFrame;
+
+    let frame = AudioFrame {
+        session_id: "ws-0123456789ab".into(),
+        audio_data: Bytes::from(vec![7u8; 1920]),
+        sample_rate: 48_000,
+        frame_duration_ms: 20,
+        sequence_number: 1,
+        is_final: false,
+    };
+    // encode() adds the 5-byte gRPC prefix; the decoder hands out what follows it.
+    let payload = encode(&frame).unwrap().slice(5..);
+    let full_before = allocs();
+    let _: AudioFrame = decode(payload.clone()).unwrap();
+    assert!(
+        allocs() > full_before,
+        "the full AudioFrame is expected to allocate (session_id); the test would prove nothing"
+    );
+    let before = allocs();
+    let mut bytes = 0;
+    for _ in 0..10_000 {
+        let p: AudioPayload = decode(payload.clone()).unwrap();
+        assert!(payload.as_ptr_range().contains(&p.audio_data.as_ptr()));
+        bytes += p.audio_data.len();
+    }
+    assert_eq!(
+        allocs() - before,
+        0,
+        "allocations while decoding 10,000 frames"
+    );
+    assert_eq!(bytes, 1920 * 10_000);
+}

@@ -14,6 +14,26 @@ use crate::proto::{
     UnloadModelRequest, UnloadModelResponse,
 };
 
+/// The orchestrator's view of an [`AudioFrame`]: the same wire message with `session_id`
+/// (field 1), `sample_rate` and `frame_duration_ms` left out.
+///
+/// Why: decoding `session_id` into a `String` was the one allocation left per forwarded frame
+/// (the PCM is already a slice of the h2 buffer). Fields missing here are unknown to prost and
+/// skipped in place, so decoding a frame allocates nothing; the worker still sends, and other
+/// clients still read, the whole `AudioFrame`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AudioPayload {
+    /// `AudioFrame.audio_data`: 20 ms of s16le PCM, a slice of the received buffer.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub audio_data: bytes::Bytes,
+    /// `AudioFrame.sequence_number`.
+    #[prost(int64, tag = "5")]
+    pub sequence_number: i64,
+    /// `AudioFrame.is_final`: the end marker of the synthesis.
+    #[prost(bool, tag = "6")]
+    pub is_final: bool,
+}
+
 /// HTTP/2 `:path` of every RPC of `tts.TTSService` (shared by client and worker).
 pub mod path {
     /// `StartSession(StartSessionRequest) -> StartSessionResponse`.
@@ -89,6 +109,15 @@ impl TtsClient {
         self.client.streaming(path::SYNTHESIZE, timeout).await
     }
 
+    /// [`TtsClient::synthesize`] reading each frame as an [`AudioPayload`] (no allocation per
+    /// frame): what the orchestrator forwards with.
+    pub async fn synthesize_audio(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<(RequestSink<TextChunk>, ResponseStream<AudioPayload>), Status> {
+        self.client.streaming(path::SYNTHESIZE, timeout).await
+    }
+
     /// PAUSE / RESUME / STOP / RELOAD the session's current synthesis.
     pub async fn control(
         &self,
@@ -134,5 +163,30 @@ impl TtsClient {
         self.client
             .unary(path::GET_CAPABILITIES, &GetCapabilitiesRequest {}, timeout)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn payload_reads_the_audio_frame_wire_format() {
+        let frame = AudioFrame {
+            session_id: "ws-0123456789ab".into(),
+            audio_data: bytes::Bytes::from_static(&[1, 2, 3, 4]),
+            sample_rate: 48_000,
+            frame_duration_ms: 20,
+            sequence_number: 7,
+            is_final: true,
+        };
+        let wire = bytes::Bytes::from(frame.encode_to_vec());
+        let p = AudioPayload::decode(wire.clone()).unwrap();
+        assert_eq!(&p.audio_data[..], &[1, 2, 3, 4]);
+        assert_eq!(p.sequence_number, 7);
+        assert!(p.is_final);
+        // The PCM is a slice of the received buffer, not a copy.
+        assert!(wire.as_ptr_range().contains(&p.audio_data.as_ptr()));
     }
 }
