@@ -113,6 +113,48 @@ impl SelfCpu {
     }
 }
 
+/// Machine-wide CPU ticks from the first line of `/proc/stat`.
+///
+/// Why: on a virtual machine the host can take a vCPU away for milliseconds ("steal"); our
+/// processes then stall however well they are written. Reporting the stolen share beside every
+/// scenario tells a tail caused by the host from one caused by us.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// user + nice + system + irq + softirq.
+    pub busy: u64,
+    /// Time the hypervisor ran something else while this VM wanted a CPU.
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// Reads `/proc/stat` now.
+    pub fn now() -> Option<CpuTicks> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        CpuTicks::parse(text.lines().next()?)
+    }
+
+    /// Parses the aggregate `cpu ...` line.
+    pub fn parse(line: &str) -> Option<CpuTicks> {
+        let mut f = line.split_whitespace();
+        if f.next()? != "cpu" {
+            return None;
+        }
+        let v: Vec<u64> = f.map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        Some(CpuTicks {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            steal: at(7),
+        })
+    }
+
+    /// Stolen share of the time the VM wanted to run since `earlier`, in percent.
+    pub fn steal_percent_since(&self, earlier: &CpuTicks) -> Option<f64> {
+        let busy = self.busy.saturating_sub(earlier.busy);
+        let steal = self.steal.saturating_sub(earlier.steal);
+        (busy + steal > 0).then(|| steal as f64 / (busy + steal) as f64 * 100.0)
+    }
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (thousands of sessions need thousands of
 /// sockets); returns the resulting soft limit.
 pub fn raise_nofile_limit() -> u64 {
@@ -197,6 +239,24 @@ pub fn profile() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_a_share_of_wanted_time() {
+        let a = CpuTicks::parse("cpu  100 0 50 1000 5 0 10 0 0 0").unwrap();
+        assert_eq!(
+            a,
+            CpuTicks {
+                busy: 160,
+                steal: 0
+            }
+        );
+        let b = CpuTicks::parse("cpu  160 0 90 2000 5 0 10 25 0 0").unwrap();
+        // 100 busy ticks and 25 stolen: the VM wanted 125, the host took 20 % of them.
+        assert_eq!(b.steal_percent_since(&a), Some(20.0));
+        assert_eq!(a.steal_percent_since(&a), None);
+        assert!(CpuTicks::parse("cpu0 1 2 3").is_none());
+        assert!(CpuTicks::now().is_some());
+    }
 
     #[test]
     fn parses_status_and_stat() {

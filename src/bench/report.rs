@@ -130,6 +130,8 @@ pub enum Unit {
     Kib,
     /// Per second.
     PerSec,
+    /// Microseconds.
+    Us,
 }
 
 fn fmt_num(v: f64, unit: Unit) -> String {
@@ -143,6 +145,7 @@ fn fmt_num(v: f64, unit: Unit) -> String {
         Unit::Kib if v >= 1024.0 => format!("{:.1} MiB", v / 1024.0),
         Unit::Kib => format!("{v:.1} KiB"),
         Unit::PerSec => format!("{v:.1}/s"),
+        Unit::Us => format!("{v:.1} µs"),
     }
 }
 
@@ -267,6 +270,8 @@ pub struct ScenarioReport {
     pub wall_s: f64,
     /// The generator's own CPU use during the scenario (% of one core).
     pub generator_cpu_percent: f64,
+    /// Share of the CPU time this VM wanted during the scenario that the host took (steal, %).
+    pub host_steal_percent: Option<f64>,
 }
 
 impl ScenarioReport {
@@ -282,6 +287,7 @@ impl ScenarioReport {
             data: Json::Object(Default::default()),
             wall_s: 0.0,
             generator_cpu_percent: 0.0,
+            host_steal_percent: None,
         }
     }
 
@@ -354,9 +360,13 @@ impl ScenarioReport {
         for n in &self.notes {
             let _ = writeln!(out, "  note: {n}");
         }
+        let steal = self
+            .host_steal_percent
+            .map(|p| format!(", host steal {p:.1} % of the CPU time the VM wanted"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  ({:.1} s, generator CPU {:.0} % of a core)",
+            "  ({:.1} s, generator CPU {:.0} % of a core{steal})",
             self.wall_s, self.generator_cpu_percent
         );
         out
@@ -562,5 +572,6 @@ mod tests {
         assert_eq!(fmt_num(20480.0, Unit::Kib), "20.0 MiB");
         assert_eq!(fmt_num(2.26, Unit::Ratio), "2.3x");
         assert_eq!(fmt_num(150.0, Unit::PerSec), "150.0/s");
+        assert_eq!(fmt_num(17.34, Unit::Us), "17.3 µs");
     }
 }

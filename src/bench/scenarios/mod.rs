@@ -21,7 +21,7 @@ use anyhow::Result;
 use tokio::time::Instant as Deadline;
 
 use super::client::{Conn, WsUrl};
-use super::procfs::SelfCpu;
+use super::procfs::{CpuTicks, SelfCpu};
 use super::report::{Row, ScenarioReport, Status, Target, Unit};
 use super::stats::{Hist, Summary};
 use super::utterance::{self, Agg, Waits};
@@ -38,6 +38,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
     let t0 = Instant::now();
     let cpu = SelfCpu::start();
+    let ticks = CpuTicks::now();
     let res = match name {
         "floor" => floor_rtt::run(ctx).await,
         "fal_single" => fal::fal_single(ctx).await,
@@ -62,6 +63,9 @@ pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
     });
     r.wall_s = t0.elapsed().as_secs_f64();
     r.generator_cpu_percent = cpu.percent();
+    r.host_steal_percent = CpuTicks::now()
+        .zip(ticks)
+        .and_then(|(b, a)| b.steal_percent_since(&a));
     r
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::{open, waits, Ctx, ZERO_INTERVAL_MS};
 use crate::bench::client::{Conn, WsUrl};
-use crate::bench::procfs::{cpu_percent, SelfCpu};
+use crate::bench::procfs::{cpu_percent, CpuTicks, SelfCpu};
 use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::server_metrics::{self, Bound, Scrape};
 use crate::bench::stats::Hist;
@@ -93,6 +93,8 @@ struct Step {
     agg: Agg,
     task_errors: Vec<String>,
     window_s: f64,
+    /// Host steal during the window (% of the CPU time the VM wanted).
+    steal: Option<f64>,
     orch_cpu: Option<f64>,
     worker_cpu: Option<f64>,
     gen_cpu: f64,
@@ -103,6 +105,12 @@ struct Step {
 }
 
 impl Step {
+    /// CPU µs per received frame of a process that used `cpu` % of a core in the window.
+    fn cpu_us_per_frame(&self, cpu: Option<f64>) -> Option<f64> {
+        let frames = self.agg.frames as f64;
+        (frames > 0.0).then_some(cpu? / 100.0 * self.window_s * 1e6 / frames)
+    }
+
     fn errors(&self) -> u64 {
         self.connect_errors + self.task_errors.len() as u64 + self.agg.problems(true).len() as u64
     }
@@ -195,11 +203,15 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
         .collect();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;
     let (o0, w0, g0) = (ctx.sut.sample(), ctx.sut.sample_worker(), SelfCpu::start());
+    let ticks0 = CpuTicks::now();
     let m0 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
         .await
         .ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.1)).await;
     let (o1, w1) = (ctx.sut.sample(), ctx.sut.sample_worker());
+    s.steal = CpuTicks::now()
+        .zip(ticks0)
+        .and_then(|(b, a)| b.steal_percent_since(&a));
     let m1 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
         .await
         .ok();
@@ -434,6 +446,46 @@ fn rows(r: &mut ScenarioReport, s: &Step, rss_base: Option<u64>) {
         None,
         None,
     ));
+    r.row(Row::new(
+        p("worker CPU"),
+        s.worker_cpu,
+        Unit::Percent,
+        None,
+        None,
+    ));
+    // CPU per frame of each process: what says whether a session count fits the machine at
+    // all (two cores = 2,000,000 µs of CPU per second, and N sessions are 50 N frames/s).
+    let per_frame = |cpu: Option<f64>| s.cpu_us_per_frame(cpu);
+    let (o, w, g) = (
+        per_frame(s.orch_cpu),
+        per_frame(s.worker_cpu),
+        per_frame(Some(s.gen_cpu)),
+    );
+    for (label, v) in [
+        ("orchestrator CPU per frame", o),
+        ("worker CPU per frame", w),
+        ("generator CPU per frame", g),
+    ] {
+        r.row(Row::new(p(label), v, Unit::Us, None, None));
+    }
+    let cores_per_1000 = match (o, w, g) {
+        (Some(o), Some(w), Some(g)) => Some((o + w + g) * 50_000.0 / 1e6),
+        _ => None,
+    };
+    r.row(Row::new(
+        p("host steal, % of the CPU time the VM wanted"),
+        s.steal,
+        Unit::Percent,
+        None,
+        None,
+    ));
+    r.row(Row::new(
+        p("cores all three need per 1000 sessions at this cost"),
+        cores_per_1000,
+        Unit::Count,
+        None,
+        None,
+    ));
 }
 
 /// A row for a bucket-resolution percentile of the server's own histograms.
@@ -488,6 +540,7 @@ fn step_json(s: &Step, rss_base: Option<u64>) -> serde_json::Value {
         "window_s": s.window_s,
         "orchestrator_cpu_percent": s.orch_cpu,
         "worker_cpu_percent": s.worker_cpu,
+        "host_steal_percent": s.steal,
         "generator_cpu_percent": s.gen_cpu,
         // The generator's own cost per audio frame received (CPU µs): what bounds it at scale.
         "generator_cpu_us_per_frame": if s.agg.frames > 0 {
