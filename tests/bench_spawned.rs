@@ -39,25 +39,18 @@ fn pids_mentioning(needle: &str) -> Vec<u32> {
     out
 }
 
-#[test]
-fn runs_against_its_own_stack_and_cleans_up() {
-    let json = tmp("report.json");
-    let logs = tmp("logs");
-    let out_path = tmp("stdout.txt");
+/// Runs `duplex bench ARGS --json J --log-dir L` (bounded to 180 s); returns its stdout, the
+/// JSON report and the log directory. Panics, with the output, if the run fails.
+fn run_bench(name: &str, args: &[&str]) -> (String, Value, PathBuf) {
+    let json = tmp(&format!("{name}.json"));
+    let logs = tmp(&format!("{name}-logs"));
+    let out_path = tmp(&format!("{name}-stdout.txt"));
     let out = std::fs::File::create(&out_path).unwrap();
     let mut b = Bench(
         Command::new(env!("CARGO_BIN_EXE_duplex"))
-            .args([
-                "bench",
-                "--quick",
-                "--only",
-                "frame_consistency,barge_in,cold_start,scale",
-                "--max-sessions",
-                "10",
-                "--scale-secs",
-                "0.5",
-                "--json",
-            ])
+            .arg("bench")
+            .args(args)
+            .arg("--json")
             .arg(&json)
             .arg("--log-dir")
             .arg(&logs)
@@ -81,6 +74,23 @@ fn runs_against_its_own_stack_and_cleans_up() {
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     assert!(status.success(), "bench failed:\n{stdout}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stdout, r, logs)
+}
+
+#[test]
+fn runs_against_its_own_stack_and_cleans_up() {
+    let (_, r, logs) = run_bench(
+        "report",
+        &[
+            "--quick",
+            "--only",
+            "frame_consistency,barge_in,cold_start,scale",
+            "--max-sessions",
+            "10",
+            "--scale-secs",
+            "0.5",
+        ],
+    );
     assert_eq!(r["quick"], true);
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(["debug", "release"].contains(&r["machine"]["profile"].as_str().unwrap()));
@@ -128,4 +138,42 @@ fn runs_against_its_own_stack_and_cleans_up() {
             "a process started by the bench still runs ({listen})"
         );
     }
+}
+
+/// One command, two configurations: the soak runs first against a baseline orchestrator (here
+/// the same binary with the pacer's coalescing window off), then against ours, and the report
+/// ends with the before/after table; both runs' figures are in the JSON.
+#[test]
+fn before_after_runs_both_and_compares() {
+    let (stdout, r, logs) = run_bench(
+        "compare",
+        &[
+            "--quick",
+            "--only",
+            "soak",
+            "--baseline-serve-arg=--coalesce-us=0",
+        ],
+    );
+    assert!(stdout.contains("######## BEFORE"), "{stdout}");
+    assert!(stdout.contains("== before / after =="), "{stdout}");
+    assert!(stdout.contains("soak · utterances completed"), "{stdout}");
+    assert!(
+        r["mode"].as_str().unwrap().contains("--coalesce-us=0"),
+        "{}",
+        r["mode"]
+    );
+    for side in [&r["scenarios"][0], &r["baseline"]["scenarios"][0]] {
+        assert_eq!(side["name"], "soak", "{side}");
+        assert_eq!(side["status"], "ok", "{side}");
+        assert_eq!(side["data"]["utterances"], 400, "{side}");
+        // [utterances completed, RSS KiB] pairs; the last one is taken with all 400 done.
+        let checkpoints = side["data"]["rss_checkpoints"].as_array().unwrap();
+        let last = checkpoints.last().expect("at least one RSS checkpoint");
+        assert_eq!(last[0], 400, "{side}");
+        assert!(last[1].as_u64().unwrap() > 0, "{side}");
+    }
+    assert!(
+        logs.join("before").is_dir(),
+        "baseline logs go to their own directory"
+    );
 }
