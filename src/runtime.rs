@@ -43,6 +43,9 @@ pub struct Shared {
     shutdown: watch::Receiver<bool>,
 }
 
+/// Least time between two [`Core::trim_when_idle`] trims of one core.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
 /// One core's owned state.
 pub struct Core {
     pub index: usize,
@@ -52,6 +55,8 @@ pub struct Core {
     pub upstream: Upstream,
     /// Buffer JSON audio frames are encoded into (see [`crate::protocol::audio`]).
     pub json_arena: RefCell<bytes::BytesMut>,
+    /// When this core last handed freed memory back to the OS (see [`Core::trim_when_idle`]).
+    last_trim: std::cell::Cell<Option<Instant>>,
 }
 
 impl Shared {
@@ -100,8 +105,37 @@ impl Core {
             pacer: Pacer::new(shared.config.coalesce)?,
             sessions: RefCell::new(Slab::new()),
             json_arena: RefCell::new(bytes::BytesMut::new()),
+            last_trim: std::cell::Cell::new(None),
             shared,
         }))
+    }
+
+    /// When the core's last session has closed, returns the allocator's free pages to the OS
+    /// (at most once per [`TRIM_INTERVAL`]).
+    ///
+    /// Why: glibc keeps memory freed by small allocations in its arenas, so after a peak of
+    /// thousands of sessions RSS stayed at the peak for the life of the process (the soak
+    /// measured 21 MiB after every session had closed, against 7 MiB before). With nothing
+    /// left to pace on this core, the trim's few milliseconds delay no frame here.
+    fn trim_when_idle(&self) {
+        if !self.sessions.borrow().is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_trim
+            .get()
+            .is_some_and(|t| now.duration_since(t) < TRIM_INTERVAL)
+        {
+            return;
+        }
+        self.last_trim.set(Some(now));
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer of ours
+        // is involved.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     fn session(&self, key: usize) -> Option<Rc<Session>> {
@@ -491,6 +525,7 @@ async fn run_session(core: &Rc<Core>, stream: TcpStream, opts: Options, leftover
     shared.metrics.sessions_active.dec();
     core_gauge.dec();
     tracing::info!(parent: &session.span, "session closed");
+    core.trim_when_idle();
 }
 
 /// Drains the session's output queue into the socket with vectored writes; closes the socket
