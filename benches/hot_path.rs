@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-frame hot path, in nanoseconds per frame: decoding the
-//! worker's gRPC `AudioFrame` (zero-copy `Bytes`), and encoding the client frame in binary
+//! worker's gRPC `AudioFrame` in full and as the `AudioPayload` view the orchestrator uses
+//! (zero-copy `Bytes`, no `session_id` string), and encoding the client frame in binary
 //! (inline header, shared PCM) and JSON (base64 into the per-core buffer). Run with
 //! `cargo bench --bench hot_path` (or `just bench-micro`); it prints a report, asserts nothing.
 //! The end-to-end suite is `duplex bench` (`just bench`).
@@ -8,6 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use duplex::grpc::tts::AudioPayload;
 use duplex::proto::AudioFrame;
 use duplex::protocol::{audio, Format};
 
@@ -37,8 +39,13 @@ fn main() {
     let payload = wire.slice(5..);
     let n = 200_000;
     println!("duplex hot path, {n} iterations each (release build: cargo bench --bench hot_path)");
-    per_frame("gRPC AudioFrame decode (zero-copy PCM)", n, |_| {
+    per_frame("gRPC AudioFrame decode, full message", n, |_| {
         let f: AudioFrame =
+            duplex::grpc::codec::decode(black_box(payload.clone())).expect("decode");
+        black_box(f);
+    });
+    per_frame("gRPC AudioPayload decode (what we forward)", n, |_| {
+        let f: AudioPayload =
             duplex::grpc::codec::decode(black_box(payload.clone())).expect("decode");
         black_box(f);
     });

@@ -410,6 +410,16 @@ pub fn render_comparison(before: &[ScenarioReport], after: &[ScenarioReport]) ->
                 ratio,
             ]);
         }
+        // The host's share beside the figures: a tail that moved while the steal moved is the
+        // host's, not the code's.
+        if let (Some(sb), Some(sa)) = (b.host_steal_percent, a.host_steal_percent) {
+            lines.push([
+                format!("{} · host steal during the scenario", a.name),
+                fmt_num(sb, Unit::Percent),
+                fmt_num(sa, Unit::Percent),
+                String::new(),
+            ]);
+        }
     }
     let mut out = String::new();
     let _ = writeln!(
@@ -550,7 +560,13 @@ mod tests {
             r.row(Row::text("orchestrator resources", "n/a"));
             r
         };
-        let s = render_comparison(&[mk(2.0, None)], &[mk(1.0, Some(3.0))]);
+        let mut before = mk(2.0, None);
+        before.host_steal_percent = Some(30.0);
+        let mut after = mk(1.0, Some(3.0));
+        after.host_steal_percent = Some(0.5);
+        let s = render_comparison(&[before], &[after]);
+        assert!(s.contains("scale · host steal during the scenario"), "{s}");
+        assert!(s.contains("30.0 %"), "{s}");
         assert!(s.contains("scale · N=1 FAL p99"), "{s}");
         assert!(s.contains("2.000 ms"), "{s}");
         assert!(s.contains("1.000 ms"), "{s}");
