@@ -26,6 +26,18 @@ impl Pacing {
     }
 }
 
+/// What speech in the client's microphone audio does to the audio playing (barge-in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BargeIn {
+    /// Like a STOP: the utterance ends, queued ones are dropped (what an LLM agent wants:
+    /// `interrupted` says how much was heard).
+    Stop,
+    /// Like a PAUSE: audio holds until the client sends RESUME (or STOP).
+    Pause,
+    /// Only report speech (`vad` events); playback carries on.
+    Off,
+}
+
 /// Orchestrator flags shared by `serve` and `demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorArgs {
@@ -63,6 +75,14 @@ pub struct OrchestratorArgs {
     /// the same process or host included).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=99))]
     pub realtime_priority: Option<i32>,
+    /// What speech detected in the client's microphone audio (binary messages) does to the
+    /// audio playing.
+    #[arg(long, value_enum, default_value = "stop")]
+    pub barge_in: BargeIn,
+    /// Voice-activity threshold: 20 ms windows louder than this RMS level (dB full scale)
+    /// count as speech.
+    #[arg(long, default_value_t = -35.0, allow_negative_numbers = true)]
+    pub vad_threshold_dbfs: f64,
 }
 
 /// Redis discovery flags of `duplex serve`.
@@ -100,6 +120,8 @@ pub struct Config {
     pub model: String,
     pub coalesce: Duration,
     pub realtime_priority: Option<i32>,
+    pub barge_in: BargeIn,
+    pub vad: crate::vad::VadConfig,
     pub discovery: DiscoveryArgs,
 }
 
@@ -126,6 +148,13 @@ impl Config {
         if args.max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
+        if !args.vad_threshold_dbfs.is_finite() || !(-96.0..=0.0).contains(&args.vad_threshold_dbfs)
+        {
+            bail!(
+                "--vad-threshold-dbfs must be between -96 and 0, got {}",
+                args.vad_threshold_dbfs
+            );
+        }
         Ok(Self {
             listen,
             workers,
@@ -140,6 +169,11 @@ impl Config {
             model: args.model.clone(),
             coalesce: Duration::from_micros(args.coalesce_us.min(10_000)),
             realtime_priority: args.realtime_priority,
+            barge_in: args.barge_in,
+            vad: crate::vad::VadConfig {
+                threshold_dbfs: args.vad_threshold_dbfs,
+                ..crate::vad::VadConfig::default()
+            },
             discovery: DiscoveryArgs::default(),
         })
     }

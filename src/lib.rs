@@ -17,6 +17,7 @@ pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod upstream;
+pub mod vad;
 pub mod web;
 pub mod worker;
 pub mod ws;

@@ -423,10 +423,23 @@ fn session_options(config: &Config, req: &handshake::Request) -> Result<Options,
         Some(m) if !m.is_empty() => m.clone(),
         _ => config.model.clone(),
     };
+    let input_rate = match req.query.get("input_rate") {
+        None => crate::vad::DEFAULT_INPUT_RATE,
+        Some(r) => match r.parse::<u32>() {
+            Ok(n) if crate::vad::INPUT_RATES.contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "unsupported input_rate '{r}' (one of {:?})\n",
+                    crate::vad::INPUT_RATES
+                ))
+            }
+        },
+    };
     Ok(Options {
         format,
         pacing,
         model,
+        input_rate,
     })
 }
 
@@ -481,9 +494,7 @@ async fn run_session(core: &Rc<Core>, stream: TcpStream, opts: Options, leftover
                 Inbound::Message(tungstenite::Message::Text(t)) => {
                     session.on_client_text(t.as_str())
                 }
-                Inbound::Message(tungstenite::Message::Binary(b)) => {
-                    session.on_client_binary(b.len())
-                }
+                Inbound::Message(tungstenite::Message::Binary(b)) => session.on_client_binary(&b),
                 Inbound::Message(_) => {}
                 Inbound::NeedMore => break,
                 Inbound::Closed => {

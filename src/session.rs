@@ -19,12 +19,13 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::audio::FRAME_MS;
-use crate::config::Pacing;
+use crate::config::{BargeIn, Pacing};
 use crate::grpc::RequestSink;
 use crate::proto;
 use crate::protocol::{self, ClientMessage, Command, ErrorCode, Format};
 use crate::runtime::Core;
 use crate::upstream;
+use crate::vad::{Vad, VadEvent};
 use crate::ws::chunk::Chunk;
 
 /// Most bytes queued for a client before it counts as not reading and is dropped: ~20 s of
@@ -46,6 +47,8 @@ pub struct Options {
     pub format: Format,
     pub pacing: Pacing,
     pub model: String,
+    /// Sample rate of the client's microphone audio (`?input_rate=`, default 16 kHz).
+    pub input_rate: u32,
 }
 
 /// Text waiting for the current utterance to finish (utterances of a session play in order).
@@ -157,16 +160,20 @@ pub struct Session {
     socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     started: Instant,
     last_activity: std::cell::Cell<Instant>,
+    /// Voice-activity detector over the client's microphone audio (barge-in).
+    vad: RefCell<Vad>,
 }
 
 impl Session {
     pub fn new(key: usize, id: String, opts: Options, core: Rc<Core>) -> Self {
         let span = tracing::info_span!("session", id = %id, core = core.index);
         let now = Instant::now();
+        let vad = Vad::new(opts.input_rate, core.shared.config.vad);
         Self {
             key,
             id,
             opts,
+            vad: RefCell::new(vad),
             span,
             core,
             state: RefCell::new(State::default()),
@@ -312,13 +319,46 @@ impl Session {
         }
     }
 
-    /// Handles one binary message from the client (microphone audio, not enabled yet).
-    pub fn on_client_binary(&self, len: usize) {
-        self.last_activity.set(Instant::now());
-        self.send_error(
-            ErrorCode::InvalidMessage,
-            &format!("audio input is not enabled on this server (got {len} bytes of binary)"),
-        );
+    /// Handles one binary message from the client: microphone audio (s16le mono at
+    /// `input_rate`). Speech is reported as `vad` events; speech while audio plays is a
+    /// barge-in (`--barge-in`), acted on in this same loop turn like a PAUSE/STOP.
+    pub fn on_client_binary(self: &Rc<Self>, pcm: &[u8]) {
+        let now = Instant::now();
+        self.last_activity.set(now);
+        // The detector's borrow is held while events are handled; handling them never
+        // touches the detector.
+        self.vad.borrow_mut().feed(pcm, |e| match e {
+            VadEvent::SpeechStart => {
+                self.send_event(&json!({"type": "vad", "speaking": true}));
+                self.barge_in(now);
+            }
+            VadEvent::SpeechEnd => self.send_event(&json!({"type": "vad", "speaking": false})),
+        });
+    }
+
+    /// The user started speaking: stop or pause what is playing, per `--barge-in`.
+    fn barge_in(self: &Rc<Self>, read_at: Instant) {
+        let playing = {
+            let st = self.state.borrow();
+            st.current.is_some() && !st.paused
+        };
+        if !playing {
+            return;
+        }
+        match self.core.shared.config.barge_in {
+            BargeIn::Off => {}
+            BargeIn::Stop => self.stop_current("barge_in", read_at),
+            BargeIn::Pause => {
+                self.on_control(Command::Pause, read_at);
+                let sent = self.state.borrow().current.as_ref().map_or(0, |u| u.sent);
+                self.send_event(&json!({
+                    "type": "interrupted",
+                    "reason": "barge_in",
+                    "played_ms": sent * FRAME_MS,
+                    "sequence": sent,
+                }));
+            }
+        }
     }
 
     fn on_text(self: &Rc<Self>, text: String, is_final: bool, now: Instant) {
@@ -387,30 +427,36 @@ impl Session {
                 }
                 self.advance(now);
             }
-            Command::Stop => {
-                let mut st = self.state.borrow_mut();
-                st.paused = false;
-                st.pending.clear();
-                let Some(mut u) = st.current.take() else {
-                    return;
-                };
-                drop(st);
-                // Dropping the stream resets it on the wire: the worker stops generating.
-                // (A Control STOP is not sent: it could race with the next utterance's stream
-                // and stop that one instead.)
-                u.cancel();
-                self.send_event(&json!({
-                    "type": "interrupted",
-                    "reason": "stop",
-                    "played_ms": u.sent * FRAME_MS,
-                    "sequence": u.sent,
-                }));
-                self.send_end_marker(u.sent + 1);
-                metrics
-                    .barge_in_latency
-                    .observe(read_at.elapsed().as_secs_f64());
-            }
+            Command::Stop => self.stop_current("stop", read_at),
         }
+    }
+
+    /// STOP: ends the current utterance (its end marker follows `interrupted`), drops the
+    /// queued ones. `reason` is `stop` for the command, `barge_in` for detected speech.
+    fn stop_current(&self, reason: &str, read_at: Instant) {
+        let mut st = self.state.borrow_mut();
+        st.paused = false;
+        st.pending.clear();
+        let Some(mut u) = st.current.take() else {
+            return;
+        };
+        drop(st);
+        // Dropping the stream resets it on the wire: the worker stops generating.
+        // (A Control STOP is not sent: it could race with the next utterance's stream
+        // and stop that one instead.)
+        u.cancel();
+        self.send_event(&json!({
+            "type": "interrupted",
+            "reason": reason,
+            "played_ms": u.sent * FRAME_MS,
+            "sequence": u.sent,
+        }));
+        self.send_end_marker(u.sent + 1);
+        self.core
+            .shared
+            .metrics
+            .barge_in_latency
+            .observe(read_at.elapsed().as_secs_f64());
     }
 
     /// Sends playback commands to the worker in order (one at a time, each awaited), so a

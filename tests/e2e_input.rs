@@ -56,23 +56,6 @@ async fn invalid_messages_get_invalid_message_and_the_socket_carries_on() {
 }
 
 #[tokio::test]
-async fn binary_input_gets_one_audio_input_error_then_text_still_works() {
-    let stack = Stack::default().await;
-    let mut c = stack.server.client("").await;
-
-    c.send_binary(vec![0u8; 640]).await; // 20 ms of 16 kHz silence
-    let message = expect_error(&mut c, "INVALID_MESSAGE", "a binary message").await;
-    assert!(
-        message.to_lowercase().contains("audio"),
-        "the error must say audio input is not enabled: {message:?}"
-    );
-
-    // Exactly one error: the utterance that follows carries nothing else.
-    c.say("Text still works.").await;
-    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
-}
-
-#[tokio::test]
 async fn bad_input_while_audio_streams_does_not_disturb_it() {
     let stack = Stack::default().await;
     let mut c = stack.server.client("").await;

@@ -55,6 +55,8 @@ fn args() -> OrchestratorArgs {
         model: "mock-440hz".into(),
         coalesce_us: 500,
         realtime_priority: None,
+        barge_in: duplex::config::BargeIn::Stop,
+        vad_threshold_dbfs: -35.0,
     }
 }
 
@@ -68,6 +70,7 @@ fn forward(format: Format, frames: usize) -> (usize, Vec<Chunk>, Bytes) {
             format,
             pacing: Pacing::Asap,
             model: "mock-440hz".into(),
+            input_rate: 16_000,
         };
         let session = Rc::new(Session::new(
             0,
