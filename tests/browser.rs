@@ -1,7 +1,9 @@
 //! The web page in real headless Chromium, driven over WebDriver (chromedriver + fantoccini):
 //! load it from `duplex demo`, type a sentence, Speak, watch the frame counter rise and the
 //! FAL appear, Pause and see the counter stop, Resume and see it finish; save a screenshot
-//! under `target/`.
+//! under `target/`; Stop; then turn the microphone on (Chromium's fake capture device playing a
+//! espeak-ng sentence from a WAV file) and see the gateway's voice-activity detection interrupt
+//! the audio.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test-all.sh installs them) and
 //! espeak-ng; without them it fails with that message instead of passing silently. Every
@@ -114,7 +116,14 @@ where
         if t0.elapsed() > WAIT {
             let state = text_of(c, "state").await;
             let note = text_of(c, "note").await;
-            panic!("timed out waiting for {what} (state {state:?}, note {note:?})");
+            let log = c
+                .execute("return document.getElementById('log').textContent;", vec![])
+                .await
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            panic!(
+                "timed out waiting for {what} (state {state:?}, note {note:?}); page log:\n{log}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -138,6 +147,9 @@ async fn the_web_page_speaks_pauses_resumes_and_finishes_in_chromium() {
     let profile = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("chromium-profile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&profile);
+    let voice = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fake-microphone-{}.wav", std::process::id()));
+    write_speech_wav(&voice);
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -149,6 +161,9 @@ async fn the_web_page_speaks_pauses_resumes_and_finishes_in_chromium() {
                 "--disable-component-update", "--disable-sync",
                 "--autoplay-policy=no-user-gesture-required",
                 "--window-size=900,1000",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                format!("--use-file-for-fake-audio-capture={}", voice.display()),
                 format!("--user-data-dir={}", profile.display()),
             ],
         }),
@@ -163,7 +178,27 @@ async fn the_web_page_speaks_pauses_resumes_and_finishes_in_chromium() {
     let result = drive(&client, demo_port).await;
     let _ = tokio::time::timeout(WAIT, client.close()).await;
     let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&voice);
     result
+}
+
+/// Real speech for the fake microphone: espeak-ng saying a few words into a WAV (Chromium
+/// loops the file). A steady tone would not do: the page asks for noise suppression, which
+/// removes stationary sounds as it should.
+fn write_speech_wav(path: &Path) {
+    let status = Command::new("/usr/bin/espeak-ng")
+        .args(["-v", "en-us", "-a", "200", "-w"])
+        .arg(path)
+        .arg("Wait, stop please, I have a question about that.")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run espeak-ng");
+    assert!(
+        status.success(),
+        "espeak-ng could not write {}",
+        path.display()
+    );
 }
 
 async fn drive(c: &Client, demo_port: u16) {
@@ -251,4 +286,22 @@ async fn drive(c: &Client, demo_port: u16) {
         "stopped before the end: {at_stop} of {total}"
     );
     assert_eq!(text_of(c, "state").await, "stopped");
+
+    // Speak again and turn the microphone on: the fake device's speech is "the user talking",
+    // so the gateway's voice-activity detection interrupts the audio (barge-in).
+    click(c, "speak").await;
+    wait_for(c, "the third utterance to play", |c| async move {
+        text_of(&c, "state").await == "speaking"
+    })
+    .await;
+    click(c, "mic").await;
+    wait_for(c, "the barge-in", |c| async move {
+        text_of(&c, "state").await == "interrupted"
+    })
+    .await;
+    assert_eq!(text_of(c, "you").await, "speaking");
+    assert_eq!(text_of(c, "mic").await, "Microphone: on");
+    let at_barge_in = frames(c).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(frames(c).await, at_barge_in, "frames after the barge-in");
 }

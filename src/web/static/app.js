@@ -10,10 +10,12 @@ const JITTER_MS = 60;
 
 const view = {
   text: $('text'), model: $('model'), state: $('state'), fal: $('fal'), frames: $('frames'),
-  underruns: $('underruns'), buffered: $('buffered'), voice: $('voice'), note: $('note'),
-  log: $('log'),
+  underruns: $('underruns'), buffered: $('buffered'), voice: $('voice'), you: $('you'),
+  note: $('note'), log: $('log'),
 };
-const buttons = { speak: $('speak'), pause: $('pause'), resume: $('resume'), stop: $('stop') };
+const buttons = {
+  speak: $('speak'), pause: $('pause'), resume: $('resume'), stop: $('stop'), mic: $('mic'),
+};
 
 let ws = null; // the open session
 let wsModel = null; // the model asked for in its URL
@@ -23,6 +25,9 @@ let pending = []; // utterances sent and not ended: { sentAt, first }
 let frames = 0;
 let state = 'idle';
 let discarding = false; // after Stop: frames already in flight are dropped until the end marker
+let mic = null; // { stream, node } while the microphone is on
+let micChunks = 0; // 20 ms microphone messages sent (shown in the log when the mic stops)
+let bargedIn = false; // the gateway interrupted playback because the user spoke
 
 function log(msg) {
   const t = new Date().toISOString().slice(11, 23);
@@ -96,7 +101,8 @@ function onPlayer(m) {
 function connect(model) {
   return new Promise((resolve, reject) => {
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    let url = `${scheme}://${location.host}/?format=binary`;
+    // Microphone audio goes out at the context's 48 kHz.
+    let url = `${scheme}://${location.host}/?format=binary&input_rate=48000`;
     if (model) url += `&model=${encodeURIComponent(model)}`;
     const sock = new WebSocket(url);
     sock.binaryType = 'arraybuffer';
@@ -175,6 +181,15 @@ function onAudio(buf) {
   }
   if (final) {
     pending.shift();
+    if (bargedIn) {
+      // The user's speech ended the utterance: what is still buffered must not play.
+      bargedIn = false;
+      if (player) player.port.postMessage({ type: 'flush' });
+      if (player) player.port.postMessage({ type: 'resume' });
+      pending = [];
+      setState('interrupted');
+      return;
+    }
     if (player) player.port.postMessage({ type: 'end' });
     if (pending.length === 0 && state !== 'stopped') setState('done');
   }
@@ -188,6 +203,16 @@ function onJson(m) {
       break;
     case 'interrupted':
       log(`interrupted (${m.reason}) after ${m.played_ms} ms`);
+      if (m.reason === 'barge_in') {
+        // Hold playback at once; the end marker that follows (barge-in "stop") flushes it,
+        // Resume continues it (barge-in "pause").
+        bargedIn = true;
+        if (player) player.port.postMessage({ type: 'pause' });
+        setState('paused');
+      }
+      break;
+    case 'vad':
+      view.you.textContent = m.speaking ? 'speaking' : 'silent';
       break;
     case 'session_end':
       log(`session ended: ${m.reason}`);
@@ -202,6 +227,21 @@ function send(obj) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
 }
 
+// Opens (or reopens, when the voice changed) the session.
+async function ensureSession() {
+  const model = view.model.value.trim();
+  if (!ws || ws.readyState !== WebSocket.OPEN || model !== wsModel) {
+    if (ws) ws.close();
+    ws = null;
+    pending = [];
+    discarding = false;
+    setState('connecting');
+    ws = await connect(model);
+    wsModel = model;
+    setState('idle');
+  }
+}
+
 buttons.speak.addEventListener('click', async () => {
   const text = view.text.value.trim();
   if (!text) {
@@ -212,16 +252,7 @@ buttons.speak.addEventListener('click', async () => {
   buttons.speak.disabled = true;
   try {
     await ensureAudio();
-    const model = view.model.value.trim();
-    if (!ws || ws.readyState !== WebSocket.OPEN || model !== wsModel) {
-      if (ws) ws.close();
-      ws = null;
-      pending = [];
-      discarding = false;
-      setState('connecting');
-      ws = await connect(model);
-      wsModel = model;
-    }
+    await ensureSession();
     if (pending.length === 0) {
       frames = 0;
       view.frames.textContent = '0';
@@ -246,6 +277,7 @@ buttons.pause.addEventListener('click', () => {
 });
 
 buttons.resume.addEventListener('click', () => {
+  bargedIn = false;
   send({ type: 'control', command: 'RESUME' });
   if (player) player.port.postMessage({ type: 'resume' });
   setState(pending.length > 0 ? 'speaking' : 'done');
@@ -260,3 +292,52 @@ buttons.stop.addEventListener('click', () => {
 });
 
 setState('idle');
+
+async function micOn() {
+  await ensureAudio();
+  if (!player) throw new Error(audioProblem || 'no audio context');
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new Error('this browser cannot capture audio here (needs https or localhost)');
+  }
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+  });
+  // Keep the session that is playing, whatever the voice field says now.
+  if (!ws || ws.readyState !== WebSocket.OPEN) await ensureSession();
+  const node = new AudioWorkletNode(ctx, 'duplex-mic', { numberOfInputs: 1, numberOfOutputs: 0 });
+  node.onprocessorerror = () => log('microphone processor failed');
+  node.port.onmessage = (e) => {
+    micChunks += 1;
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(e.data);
+  };
+  ctx.createMediaStreamSource(stream).connect(node);
+  mic = { stream, node };
+  view.you.textContent = 'silent';
+  log('microphone on: speech interrupts playback');
+}
+
+function micOff() {
+  if (!mic) return;
+  mic.node.port.onmessage = null;
+  mic.node.disconnect();
+  for (const t of mic.stream.getTracks()) t.stop();
+  mic = null;
+  view.you.textContent = '–';
+  log(`microphone off (${micChunks} messages of 20 ms sent)`);
+}
+
+buttons.mic.addEventListener('click', async () => {
+  buttons.mic.disabled = true;
+  try {
+    if (mic) micOff();
+    else await micOn();
+  } catch (e) {
+    note(`Microphone unavailable: ${e.message}`);
+    log(`microphone unavailable: ${e.message}`);
+    micOff();
+  } finally {
+    buttons.mic.disabled = false;
+    buttons.mic.textContent = mic ? 'Microphone: on' : 'Microphone: off';
+    buttons.mic.setAttribute('aria-pressed', mic ? 'true' : 'false');
+  }
+});

@@ -99,3 +99,35 @@ class DuplexPlayer extends AudioWorkletProcessor {
 }
 
 registerProcessor('duplex-player', DuplexPlayer);
+
+// The microphone side: takes the mic's samples (the context runs at 48 kHz), converts them to
+// s16le and posts them to the page in 20 ms messages (960 samples), which the page sends as
+// binary WebSocket messages with `input_rate=48000`. The gateway's voice-activity detection
+// decides what is speech; nothing is judged here.
+class DuplexMic extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.size = Math.round(sampleRate / 50);
+    this.chunk = new Int16Array(this.size);
+    this.filled = 0;
+  }
+
+  process(inputs) {
+    const input = inputs[0] && inputs[0][0];
+    if (!input) return true;
+    for (let i = 0; i < input.length; i++) {
+      const v = Math.max(-1, Math.min(1, input[i]));
+      this.chunk[this.filled++] = Math.round(v * 32767);
+      if (this.filled === this.size) {
+        // Transferred, not copied: the old array is detached (length 0) afterwards.
+        const out = this.chunk.buffer;
+        this.port.postMessage(out, [out]);
+        this.chunk = new Int16Array(this.size);
+        this.filled = 0;
+      }
+    }
+    return true;
+  }
+}
+
+registerProcessor('duplex-mic', DuplexMic);
