@@ -215,6 +215,32 @@ mod tests {
     }
 
     #[test]
+    fn vad_threshold_is_checked_and_carried() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: OrchestratorArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let argv = std::iter::once("x").chain(extra.iter().copied());
+            Config::new("127.0.0.1:0", &[], &Cli::try_parse_from(argv).unwrap().args)
+        };
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.vad.threshold_dbfs, -35.0);
+        assert_eq!(c.barge_in, BargeIn::Stop);
+        let c = parse(&["--vad-threshold-dbfs", "-50", "--barge-in", "pause"]).unwrap();
+        assert_eq!(c.vad.threshold_dbfs, -50.0);
+        assert_eq!(c.barge_in, BargeIn::Pause);
+        for bad in ["5", "-120", "NaN"] {
+            let e = parse(&["--vad-threshold-dbfs", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--vad-threshold-dbfs"), "{e}");
+        }
+    }
+
+    #[test]
     fn seconds_flags() {
         assert_eq!(secs("x", 0.0).unwrap(), None);
         assert_eq!(secs("x", 0.5).unwrap(), Some(Duration::from_millis(500)));
