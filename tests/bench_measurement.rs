@@ -269,59 +269,71 @@ fn exact_schedule_gives_its_fal_and_near_zero_jitter() {
 
 #[test]
 fn a_seven_ms_hiccup_shows_in_the_jitter() {
-    // The fake server sleeps 7 ms extra before frame 21. On a loaded machine the frame before
-    // it can itself be late, which shrinks the gap the server really produced; what is under
-    // test is that the bench reports what the server did, so compare with the server's own
-    // send instants, and retry (bounded) when the server could not produce the hiccup.
+    // The fake server sleeps 7 ms extra before frame 21. What is under test is that the bench
+    // reports what the server did, so the report is compared with the server's own send
+    // instants. On this shared VM either side can be descheduled for milliseconds (the bench's
+    // host-steal figures show it), which shrinks the hiccup the server produced or shifts
+    // the instant the client read it; such an attempt is repeated, at most three times, and
+    // the last one's verdict stands (a broken measurement fails all three).
+    let mut last = String::new();
     for attempt in 1..=3 {
-        let fake = start_fake(Schedule {
-            first_frame: Duration::from_millis(10),
-            hiccup: Some((20, Duration::from_millis(7))),
-            paced: true,
-            end_marker: true,
-        });
-        let json = tmp(&format!("hiccup-{attempt}"));
-        let (ok, out, r) = run_bench(&fake.url, "frame_jitter", &json);
-        assert!(ok, "bench failed:\n{out}");
-        let truth = server_jitter_ms(fake.sent.lock().unwrap().last().unwrap());
-        if truth[19].max(truth[20]) < 6.5 && attempt < 3 {
-            eprintln!("attempt {attempt}: the server's hiccup was absorbed ({truth:?}); again");
-            continue;
+        match hiccup_attempt(attempt) {
+            Ok(()) => return,
+            Err(why) => {
+                eprintln!("attempt {attempt}: {why}");
+                last = why;
+            }
         }
-        assert!(
-            truth[19].max(truth[20]) >= 6.5,
-            "three times the machine kept the fake server from sending the hiccup: {truth:?}"
-        );
-        let d = &scenario(&r, "frame_jitter")["data"];
-        let j = &d["jitter"];
-        assert_eq!(j["count"], 49, "{j}");
-        // Frame 21 arrives ≈ 27 ms after frame 20 and frame 22 ≈ 13 ms after it: two ≈ 7 ms
-        // samples, at exactly those places (sample k is frame k+1 → k+2).
-        let samples: Vec<f64> = d["jitter_samples_ms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(num)
-            .collect();
-        assert_eq!(samples.len(), 49);
-        for k in [19, 20] {
-            assert!(
-                (samples[k] - truth[k]).abs() < 3.0,
-                "sample {k}: reported {}, sent {}",
-                samples[k],
-                truth[k]
-            );
-        }
-        let max = num(&j["max_ms"]);
-        assert!(max >= 6.5 - 3.0, "the hiccup must show in the maximum: {j}");
-        assert!(
-            num(&j["p50_ms"]) < 1.5,
-            "one hiccup must not move the median: {j}"
-        );
-        // 7 ms late is within a frame period: not a late frame.
-        assert_eq!(d["late_frames"], 0, "{d}");
-        return;
     }
+    panic!("three attempts failed; the last: {last}");
+}
+
+/// One run of the hiccup check; `Err` says what did not match.
+fn hiccup_attempt(attempt: u32) -> Result<(), String> {
+    let fake = start_fake(Schedule {
+        first_frame: Duration::from_millis(10),
+        hiccup: Some((20, Duration::from_millis(7))),
+        paced: true,
+        end_marker: true,
+    });
+    let json = tmp(&format!("hiccup-{attempt}"));
+    let (ok, out, r) = run_bench(&fake.url, "frame_jitter", &json);
+    // A failed run is not a timing accident: no retry.
+    assert!(ok, "bench failed:\n{out}");
+    let truth = server_jitter_ms(fake.sent.lock().unwrap().last().unwrap());
+    if truth[19].max(truth[20]) < 6.5 {
+        return Err(format!("the server's hiccup was absorbed: {truth:?}"));
+    }
+    let d = &scenario(&r, "frame_jitter")["data"];
+    let j = &d["jitter"];
+    assert_eq!(j["count"], 49, "{j}");
+    // Frame 21 arrives ≈ 27 ms after frame 20 and frame 22 ≈ 13 ms after it: two ≈ 7 ms
+    // samples, at exactly those places (sample k is frame k+1 → k+2).
+    let samples: Vec<f64> = d["jitter_samples_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(num)
+        .collect();
+    assert_eq!(samples.len(), 49);
+    for k in [19, 20] {
+        if (samples[k] - truth[k]).abs() >= 3.0 {
+            return Err(format!(
+                "sample {k}: reported {}, sent {}",
+                samples[k], truth[k]
+            ));
+        }
+    }
+    let max = num(&j["max_ms"]);
+    if max < 6.5 - 3.0 {
+        return Err(format!("the hiccup must show in the maximum: {j}"));
+    }
+    if num(&j["p50_ms"]) >= 1.5 {
+        return Err(format!("one hiccup must not move the median: {j}"));
+    }
+    // 7 ms late is within a frame period: not a late frame.
+    assert_eq!(d["late_frames"], 0, "{d}");
+    Ok(())
 }
 
 #[test]

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::time::Instant as Deadline;
 
-use super::{check, loss_rows, open, sequential, setup, waits, Ctx, SEED_INTERVAL_MS};
-use crate::bench::report::{Row, ScenarioReport, Status, Target, Unit};
+use super::{
+    check, loss_rows, open, sequential, setup, unsupported_without_markers, waits, Ctx,
+    SEED_INTERVAL_MS,
+};
+use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::utterance::{Agg, End, Tracker, FRAMES_PER_CHUNK};
 
 /// Seed test 8: 10 identical utterances; sequences 1..n, no gaps or duplicates, equal counts.
@@ -148,12 +151,7 @@ pub async fn rapid_messages(ctx: &mut Ctx) -> Result<ScenarioReport> {
         }
     }
     conn.close().await;
-    if !ctx.sut.spawned() && !agg.target_has_markers() {
-        r.status = Status::Unsupported(
-            "the target sends no end marker, which this scenario needs to tell queued \
-             utterances apart"
-                .into(),
-        );
+    if unsupported_without_markers(&mut r, ctx, &agg) {
         return Ok(r);
     }
     let answered = agg.markers;

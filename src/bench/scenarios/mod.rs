@@ -192,6 +192,20 @@ pub fn jitter_rows(r: &mut ScenarioReport, agg: &Agg, ours_p99_ms: Option<f64>) 
     r.put("late_frames", agg.late);
 }
 
+/// Marks `r` unsupported when a foreign target sends no end markers, which scenarios with
+/// queued utterances need to tell them apart; returns whether it did.
+pub fn unsupported_without_markers(r: &mut ScenarioReport, ctx: &Ctx, agg: &Agg) -> bool {
+    if ctx.sut.spawned() || agg.target_has_markers() {
+        return false;
+    }
+    r.status = Status::Unsupported(
+        "the target sends no end marker, which this scenario needs to tell queued utterances \
+         apart"
+            .into(),
+    );
+    true
+}
+
 /// Copies an aggregate's correctness problems into the report, and the end-marker verdict.
 ///
 /// A server we started must send end markers; a foreign target that never does gets a note.

@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 
-use super::{check, deadline, jitter_rows, loss_rows, open, setup, waits, Ctx, SEED_INTERVAL_MS};
+use super::{
+    check, deadline, jitter_rows, loss_rows, open, setup, unsupported_without_markers, waits, Ctx,
+    SEED_INTERVAL_MS,
+};
 use crate::bench::client::{Conn, EventKind};
-use crate::bench::report::{Row, ScenarioReport, Status, Target, Unit};
+use crate::bench::report::{Row, ScenarioReport, Target, Unit};
 use crate::bench::utterance::{self, Agg, End, Tracker, Waits, FRAMES_PER_CHUNK};
 
 /// Seed test 4: one long utterance (k streamed chunks of 25 frames), realtime pacing.
@@ -151,12 +154,7 @@ pub async fn throughput(ctx: &mut Ctx) -> Result<ScenarioReport> {
         frames += p.frames_in_window;
         utts += p.utterances_in_window;
     }
-    if !ctx.sut.spawned() && !agg.target_has_markers() {
-        r.status = Status::Unsupported(
-            "the target sends no end marker, which this scenario needs to tell queued \
-             utterances apart"
-                .into(),
-        );
+    if unsupported_without_markers(&mut r, ctx, &agg) {
         return Ok(r);
     }
     let msgs_per_s = frames as f64 / secs;
