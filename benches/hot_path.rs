@@ -11,7 +11,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use duplex::grpc::tts::AudioPayload;
 use duplex::proto::AudioFrame;
-use duplex::protocol::{audio, Format};
+use duplex::protocol::audio::audio;
+use duplex::protocol::Format;
 
 fn per_frame(name: &str, iters: u32, mut f: impl FnMut(u32)) {
     for i in 0..iters / 10 {

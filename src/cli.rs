@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, OrchestratorArgs};
+use crate::gateway::config::{Config, OrchestratorArgs};
 
 /// Real-time full-duplex voice gateway.
 #[derive(Debug, Parser)]
@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(long = "worker", required_unless_present = "redis")]
     pub workers: Vec<String>,
     #[command(flatten)]
-    pub discovery: crate::config::DiscoveryArgs,
+    pub discovery: crate::gateway::config::DiscoveryArgs,
     #[command(flatten)]
     pub orchestrator: OrchestratorArgs,
 }
@@ -79,7 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             config.discovery = args.discovery;
             // Handlers first: a SIGTERM right after "listening" must be a clean shutdown.
             let signals = Signals::install()?;
-            let orchestrator = crate::runtime::Orchestrator::start(config)?;
+            let orchestrator = crate::gateway::Orchestrator::start(config)?;
             signals.wait();
             tracing::info!("shutting down");
             orchestrator.shutdown();
@@ -104,7 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let worker_url = format!("grpc://{}", worker.local_addr());
             let config = Config::new(&args.listen, &[worker_url], &args.orchestrator)?;
             let model = config.model.clone();
-            let orchestrator = crate::runtime::Orchestrator::start(config)?;
+            let orchestrator = crate::gateway::Orchestrator::start(config)?;
             let addr = orchestrator.local_addr();
             println!("duplex demo: ws://{addr}/   web page: http://{addr}/");
             match voice {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::audio::{FRAME_BYTES, FRAME_MS};
-use crate::config::Pacing;
+use crate::gateway::config::Pacing;
 use wav::WavWriter;
 
 /// Longest wait for the TCP connection, the WebSocket handshake and `session_start`.

@@ -88,44 +88,10 @@ pub fn parse(buf: &[u8]) -> Parsed {
     )
 }
 
+/// Query parameters, decoded as browsers encode them (`application/x-www-form-urlencoded`:
+/// `+` is a space, `%XX` a byte, invalid UTF-8 replaced); malformed escapes stay as written.
 fn parse_query(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match bytes[i] {
-            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1]).zip(hex(bytes[i + 2])),
-            _ => None,
-        };
-        match (bytes[i], decoded) {
-            (_, Some((hi, lo))) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, None) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 /// The `101 Switching Protocols` response for an accepted upgrade.
@@ -208,10 +174,13 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding_is_total() {
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("a+b%20c"), "a b c");
-        assert_eq!(percent_decode("%"), "%");
+    fn query_decoding_is_total() {
+        let q = parse_query("a=a%2&b=%zz&c=a+b%20c&d=%&e=%20&f");
+        assert_eq!(q["a"], "a%2");
+        assert_eq!(q["b"], "%zz");
+        assert_eq!(q["c"], "a b c");
+        assert_eq!(q["d"], "%");
+        assert_eq!(q["e"], " ", "an escape at the very end decodes too");
+        assert_eq!(q["f"], "");
     }
 }

@@ -4,9 +4,8 @@
 //! runs here as a pure state machine over in-memory buffers ([`codec::Inbound`]): io_uring
 //! fills the inbound buffer, tungstenite parses client frames out of it. Everything the server
 //! sends (JSON events, audio frames, close frames) is framed by [`frame`] directly into
-//! `Bytes` chunks, so a binary audio frame is `header + the PCM Bytes from h2`, never copied.
+//! `Bytes`, so a binary audio frame is `header + the PCM Bytes from h2`, never copied.
 
-pub mod chunk;
 pub mod codec;
 pub mod frame;
 pub mod handshake;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::json;
 
-use crate::runtime::Shared;
+use super::core::Shared;
 use crate::ws::handshake::{response, Request};
 
 /// Answers one admin request with a complete HTTP response.

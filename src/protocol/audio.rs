@@ -1,115 +1,18 @@
-//! The client protocol's messages (PROTOCOL.md §1): parsing what clients send and building
-//! what the server sends. Audio frames have their own fast encoders that write straight into
-//! the outgoing WebSocket frame.
+//! Audio frames on the wire (docs/PROTOCOL.md §1.3): the fast encoders the server uses for
+//! every 20 ms frame, and the decoder clients use for the binary format.
+//!
+//! Encoding never goes through serde: binary frames are a header carved from the core's
+//! arena plus the worker's own PCM `Bytes` (no copy), and JSON frames are base64-encoded
+//! straight into a WebSocket frame carved from the same arena.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{json, Value};
 
 use crate::audio::{FRAME_MS, SAMPLE_RATE};
-use crate::ws::chunk::Chunk;
 use crate::ws::frame::{self, Opcode};
 
-/// Error codes of the `error` message (a fixed set clients switch on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    InvalidMessage,
-    WorkerUnavailable,
-    SynthesisFailed,
-    RateLimited,
-    Unauthorized,
-    InternalError,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidMessage => "INVALID_MESSAGE",
-            ErrorCode::WorkerUnavailable => "WORKER_UNAVAILABLE",
-            ErrorCode::SynthesisFailed => "SYNTHESIS_FAILED",
-            ErrorCode::RateLimited => "RATE_LIMITED",
-            ErrorCode::Unauthorized => "UNAUTHORIZED",
-            ErrorCode::InternalError => "INTERNAL_ERROR",
-        }
-    }
-}
-
-/// Playback commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    Pause,
-    Resume,
-    Stop,
-}
-
-/// A message from the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientMessage {
-    Text { text: String, is_final: bool },
-    Control(Command),
-}
-
-/// Parses one client text message; the error string is what the client is told.
-pub fn parse(raw: &str) -> Result<ClientMessage, String> {
-    let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| "message must be a JSON object".to_string())?;
-    let kind = match obj.get("type") {
-        Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err("field 'type' must be a string".into()),
-        None => return Err("missing field 'type'".into()),
-    };
-    match kind {
-        "text" => {
-            let text = match obj.get("text") {
-                Some(Value::String(s)) => s,
-                Some(_) => return Err("field 'text' must be a string".into()),
-                None => return Err("missing field 'text'".into()),
-            };
-            if text.is_empty() {
-                return Err("field 'text' must not be empty".into());
-            }
-            let is_final = match obj.get("is_final") {
-                None | Some(Value::Null) => true,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err("field 'is_final' must be a boolean".into()),
-            };
-            Ok(ClientMessage::Text {
-                text: text.clone(),
-                is_final,
-            })
-        }
-        "control" => {
-            let command = match obj.get("command") {
-                Some(Value::String(s)) => s.as_str(),
-                Some(_) => return Err("field 'command' must be a string".into()),
-                None => return Err("missing field 'command'".into()),
-            };
-            match command {
-                "PAUSE" => Ok(ClientMessage::Control(Command::Pause)),
-                "RESUME" => Ok(ClientMessage::Control(Command::Resume)),
-                "STOP" => Ok(ClientMessage::Control(Command::Stop)),
-                other => Err(format!(
-                    "unknown command '{other}' (expected PAUSE, RESUME or STOP)"
-                )),
-            }
-        }
-        other => Err(format!("unknown message type '{other}'")),
-    }
-}
-
-/// A JSON event as a complete WebSocket text frame.
-pub fn event(value: &Value) -> Bytes {
-    frame::text(value.to_string().as_bytes())
-}
-
-/// `error` event.
-pub fn error(code: ErrorCode, message: &str) -> Bytes {
-    event(&json!({"type": "error", "message": message, "code": code.as_str()}))
-}
-
-/// How audio frames are put on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How audio frames are put on the wire (`?format=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `audio` JSON messages with base64 PCM (compatible with the Python system's clients).
     Json,
@@ -126,6 +29,27 @@ impl Format {
     }
 }
 
+/// Pacing of audio towards the client (`?pacing=`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Pacing {
+    /// Absolute 20 ms schedule from the first frame (what a listener needs).
+    Realtime,
+    /// Forward each frame the moment it arrives (offline rendering, clients that buffer).
+    Asap,
+}
+
+impl Pacing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pacing::Realtime => "realtime",
+            Pacing::Asap => "asap",
+        }
+    }
+}
+
 /// Binary audio header: `version u8 = 1 | flags u8 (bit 0 = final) | reserved u16 = 0 |
 /// sequence u32 little-endian`.
 pub const BINARY_HEADER_LEN: usize = 8;
@@ -137,13 +61,25 @@ pub const FLAG_FINAL: u8 = 1;
 const JSON_PREFIX: &[u8] = b"{\"type\":\"audio\",\"pcm\":\"";
 const JSON_MID: &[u8] = b"\",\"sample_rate\":48000,\"frame_ms\":20,\"sequence\":";
 
-/// Size of the per-core buffer JSON audio frames are carved from (about 24 frames).
-pub const JSON_ARENA: usize = 64 * 1024;
+/// Size of the per-core buffer audio frames are carved from (about 24 JSON frames, or the
+/// headers of about 4,000 binary frames).
+pub const ARENA: usize = 64 * 1024;
+
+/// Copies `bytes` to the end of `arena` and splits them off as their own `Bytes`. A fresh
+/// block replaces the arena when it is full; the old block lives on in the chunks carved
+/// from it until the last is written. One allocation per block, none per frame.
+pub fn carve(arena: &mut BytesMut, bytes: &[u8]) -> Bytes {
+    if arena.capacity() - arena.len() < bytes.len() {
+        *arena = BytesMut::with_capacity(ARENA.max(bytes.len()));
+    }
+    arena.extend_from_slice(bytes);
+    arena.split().freeze()
+}
 
 /// Encodes one audio frame (or, with `pcm` empty and `is_final`, the end marker) as the
-/// chunks to write. Binary mode returns the header (inline) and the PCM `Bytes` itself (no
-/// copy, no allocation); JSON mode base64-encodes straight into a frame carved from `arena`,
-/// the core's reused buffer, which is replaced only when full (one allocation per ~24 frames).
+/// chunks to write. Binary mode returns the header (carved from `arena`) and the PCM `Bytes`
+/// itself (no copy); JSON mode base64-encodes straight into a frame carved from `arena`. The
+/// arena is the core's reused buffer, replaced only when full (see [`carve`]).
 pub fn audio(
     format: Format,
     sequence: u32,
@@ -157,16 +93,14 @@ pub fn audio(
         Format::Binary => {
             let payload_len = pcm.map_or(0, |p| p.len());
             let total = BINARY_HEADER_LEN + payload_len;
-            // Built on the stack and stored inline in the output queue: no allocation.
+            // Built on the stack, then carved from the arena: no allocation per frame.
             let mut head = [0u8; 10 + BINARY_HEADER_LEN];
             let ws_len = frame::write_header(&mut head, Opcode::Binary, total);
             head[ws_len] = BINARY_VERSION;
             head[ws_len + 1] = if is_final { FLAG_FINAL } else { 0 };
             head[ws_len + 4..ws_len + 8].copy_from_slice(&sequence.to_le_bytes());
-            let head = &head[..ws_len + BINARY_HEADER_LEN];
             AudioChunks {
-                head: Chunk::inline(head)
-                    .unwrap_or_else(|| Chunk::Shared(Bytes::copy_from_slice(head))),
+                head: carve(arena, &head[..ws_len + BINARY_HEADER_LEN]),
                 pcm: pcm.cloned(),
             }
         }
@@ -182,7 +116,7 @@ pub fn audio(
             let len = JSON_PREFIX.len() + b64_len + JSON_MID.len() + seq.len() + tail.len();
             let total = frame::header_len(len) + len;
             if arena.capacity() - arena.len() < total {
-                *arena = BytesMut::with_capacity(JSON_ARENA.max(total));
+                *arena = BytesMut::with_capacity(ARENA.max(total));
             }
             let mut buf = arena.split_off(arena.len());
             frame::put_header(&mut buf, Opcode::Text, len);
@@ -202,7 +136,7 @@ pub fn audio(
             let rest = buf.split_off(total);
             *arena = rest;
             AudioChunks {
-                head: Chunk::Shared(buf.freeze()),
+                head: buf.freeze(),
                 pcm: None,
             }
         }
@@ -211,8 +145,40 @@ pub fn audio(
 
 /// The wire chunks of one audio message: a head and, in binary mode, the PCM itself.
 pub struct AudioChunks {
-    pub head: Chunk,
+    pub head: Bytes,
     pub pcm: Option<Bytes>,
+}
+
+/// A binary audio message as a client receives it (the payload of one binary WebSocket
+/// message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BinaryFrame<'a> {
+    /// Sequence number (1 for the first frame of each utterance).
+    pub sequence: u32,
+    /// The end marker (final bit set; no PCM).
+    pub is_final: bool,
+    /// The PCM (s16le mono 48 kHz), empty for the end marker.
+    pub pcm: &'a [u8],
+}
+
+/// Parses a binary audio message; the error says what is wrong with it.
+pub fn parse_binary(payload: &[u8]) -> Result<BinaryFrame<'_>, String> {
+    if payload.len() < BINARY_HEADER_LEN {
+        return Err(format!(
+            "binary audio message of {} bytes is shorter than its {BINARY_HEADER_LEN}-byte header",
+            payload.len()
+        ));
+    }
+    if payload[0] != BINARY_VERSION {
+        return Err(format!("unknown binary audio version {}", payload[0]));
+    }
+    let mut seq = [0u8; 4];
+    seq.copy_from_slice(&payload[4..8]);
+    Ok(BinaryFrame {
+        sequence: u32::from_le_bytes(seq),
+        is_final: payload[1] & FLAG_FINAL != 0,
+        pcm: &payload[BINARY_HEADER_LEN..],
+    })
 }
 
 /// Decimal formatting without allocation.
@@ -246,45 +212,10 @@ fn itoa_buf(mut n: u32) -> ItoaBuf {
 mod tests {
     use super::*;
     use base64::Engine;
-
-    #[test]
-    fn parses_text_and_defaults_is_final() {
-        assert_eq!(
-            parse(r#"{"type":"text","text":"hi"}"#),
-            Ok(ClientMessage::Text {
-                text: "hi".into(),
-                is_final: true
-            })
-        );
-        assert_eq!(
-            parse(r#"{"type":"text","text":"hi","is_final":false,"extra":1}"#),
-            Ok(ClientMessage::Text {
-                text: "hi".into(),
-                is_final: false
-            })
-        );
-    }
-
-    #[test]
-    fn rejects_bad_shapes_with_reasons() {
-        for (raw, needle) in [
-            ("nope", "JSON"),
-            ("[]", "object"),
-            (r#"{"text":"x"}"#, "type"),
-            (r#"{"type":"bogus"}"#, "unknown message type"),
-            (r#"{"type":"text","text":""}"#, "empty"),
-            (r#"{"type":"text","text":5}"#, "string"),
-            (r#"{"type":"text","text":"a","is_final":"yes"}"#, "boolean"),
-            (r#"{"type":"control","command":"JUMP"}"#, "unknown command"),
-            (r#"{"type":"control"}"#, "command"),
-        ] {
-            let err = parse(raw).unwrap_err();
-            assert!(err.contains(needle), "{raw}: {err}");
-        }
-    }
+    use serde_json::Value;
 
     fn payload(chunks: &AudioChunks) -> Vec<u8> {
-        let head = chunks.head.as_slice();
+        let head = &chunks.head[..];
         let hl = match head[1] & 0x7f {
             126 => 4,
             127 => 10,
@@ -302,7 +233,7 @@ mod tests {
         let pcm = Bytes::from((0..1920u32).map(|i| i as u8).collect::<Vec<_>>());
         let c = audio(Format::Json, 17, Some(&pcm), false, &mut BytesMut::new());
         // Header of a 2.6 KB text frame is 4 bytes.
-        let body = &c.head.as_slice()[4..];
+        let body = &c.head[4..];
         let v: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["type"], "audio");
         assert_eq!(v["sequence"], 17);
@@ -314,6 +245,16 @@ mod tests {
             .unwrap();
         assert_eq!(decoded, pcm.to_vec());
         assert!(v.get("is_final").is_none());
+        // Clients parse the same bytes as the protocol's typed event.
+        let event = crate::protocol::ServerEvent::parse(std::str::from_utf8(body).unwrap());
+        assert!(matches!(
+            event,
+            Ok(crate::protocol::ServerEvent::Audio {
+                sequence: 17,
+                is_final: false,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -326,7 +267,7 @@ mod tests {
             })
             .collect();
         for (i, c) in frames.iter().enumerate() {
-            let v: Value = serde_json::from_slice(&c.head.as_slice()[4..]).unwrap();
+            let v: Value = serde_json::from_slice(&c.head[4..]).unwrap();
             assert_eq!(v["sequence"], i as u64 + 1);
             let pcm = base64::engine::general_purpose::STANDARD
                 .decode(v["pcm"].as_str().unwrap())
@@ -341,7 +282,7 @@ mod tests {
     #[test]
     fn json_end_marker() {
         let c = audio(Format::Json, 26, None, true, &mut BytesMut::new());
-        let v: Value = serde_json::from_slice(&c.head.as_slice()[2..]).unwrap();
+        let v: Value = serde_json::from_slice(&c.head[2..]).unwrap();
         assert_eq!(v["pcm"], "");
         assert_eq!(v["sequence"], 26);
         assert_eq!(v["is_final"], true);
@@ -364,6 +305,19 @@ mod tests {
         assert_eq!(&p[..8], &[1, 0, 0, 0, 4, 3, 2, 1]);
         let end = audio(Format::Binary, 5, None, true, &mut BytesMut::new());
         assert_eq!(payload(&end), vec![1, 1, 0, 0, 5, 0, 0, 0]);
+        let parsed = parse_binary(&p).unwrap();
+        assert_eq!(
+            (parsed.sequence, parsed.is_final, parsed.pcm.len()),
+            (0x01020304, false, 1920)
+        );
+        let end = payload(&end);
+        let parsed = parse_binary(&end).unwrap();
+        assert_eq!(
+            (parsed.sequence, parsed.is_final, parsed.pcm.len()),
+            (5, true, 0)
+        );
+        assert!(parse_binary(&[1, 0, 0]).is_err());
+        assert!(parse_binary(&[9, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -6,25 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::protocol::Format;
-
-/// Pacing of audio towards the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Pacing {
-    /// Absolute 20 ms schedule from the first frame (what a listener needs).
-    Realtime,
-    /// Forward each frame the moment it arrives (offline rendering, clients that buffer).
-    Asap,
-}
-
-impl Pacing {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pacing::Realtime => "realtime",
-            Pacing::Asap => "asap",
-        }
-    }
-}
+pub use crate::protocol::{Format, Pacing};
 
 /// What speech in the client's microphone audio does to the audio playing (barge-in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,7 +103,7 @@ pub struct Config {
     pub coalesce: Duration,
     pub realtime_priority: Option<i32>,
     pub barge_in: BargeIn,
-    pub vad: crate::vad::VadConfig,
+    pub vad: crate::gateway::vad::VadConfig,
     pub discovery: DiscoveryArgs,
 }
 
@@ -170,9 +152,9 @@ impl Config {
             coalesce: Duration::from_micros(args.coalesce_us.min(10_000)),
             realtime_priority: args.realtime_priority,
             barge_in: args.barge_in,
-            vad: crate::vad::VadConfig {
+            vad: crate::gateway::vad::VadConfig {
                 threshold_dbfs: args.vad_threshold_dbfs,
-                ..crate::vad::VadConfig::default()
+                ..crate::gateway::vad::VadConfig::default()
             },
             discovery: DiscoveryArgs::default(),
         })

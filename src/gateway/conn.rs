@@ -1,0 +1,311 @@
+//! One client connection: the HTTP request head, then either an HTTP answer (the web page,
+//! `/health`) or the WebSocket upgrade and the session's reader and writer.
+//!
+//! The reader feeds bytes through tungstenite's protocol state machine ([`Decoder`]) and
+//! hands each message to the session; the writer drains the session's output queue into the
+//! socket with vectored io_uring writes. They meet only in the session's output queue.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_uring::net::TcpStream;
+
+use super::config::{Config, Pacing};
+use super::core::Core;
+use super::listener::Sessions;
+use super::session::{Options, Session};
+use super::vad;
+use crate::protocol::{CloseReason, Format, ServerEvent};
+use crate::ws::codec::{Decoder, Inbound};
+use crate::ws::handshake::{self, Parsed};
+
+/// Most iovecs per `writev` (the kernel limit is 1024).
+const MAX_IOV: usize = 512;
+/// Bytes read per `read` on a client socket.
+const READ_BUF: usize = 4096;
+
+/// Serves one accepted connection to its end.
+pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, _peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let shared = core.shared.clone();
+    // Read the request head (bounded in size and time so a slow client can't hold a slot).
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = vec![0u8; READ_BUF];
+    let parsed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (res, b) = stream.read(buf).await;
+            buf = b;
+            match res {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+            match handshake::parse(&head) {
+                Parsed::Partial => continue,
+                other => return Some(other),
+            }
+        }
+    })
+    .await;
+    let (req, consumed) = match parsed {
+        Ok(Some(Parsed::Complete(req, len))) => (req, len),
+        Ok(Some(Parsed::Invalid(reason))) => {
+            let _ = stream
+                .write_all(handshake::response(400, "text/plain", reason.as_bytes()))
+                .await;
+            return;
+        }
+        _ => return,
+    };
+    if !req.is_upgrade() {
+        let _ = stream.write_all(super::admin::handle(&shared, &req)).await;
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        return;
+    }
+    let opts = match session_options(&shared.config, &req) {
+        Ok(o) => o,
+        Err(reason) => {
+            let _ = stream
+                .write_all(handshake::response(400, "text/plain", reason.as_bytes()))
+                .await;
+            return;
+        }
+    };
+    // Reserve a connection slot before answering the upgrade.
+    let prev = shared.connections.fetch_add(1, Ordering::AcqRel);
+    if prev >= shared.config.max_connections {
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.rejected_connections.inc();
+        let _ = stream
+            .write_all(handshake::response(
+                503,
+                "text/plain",
+                b"server at --max-connections\n",
+            ))
+            .await;
+        return;
+    }
+    let key_str = req.ws_key.clone().unwrap_or_default();
+    let (res, _) = stream.write_all(handshake::accept_response(&key_str)).await;
+    if res.is_ok() {
+        run_session(&core, &sessions, stream, opts, head.split_off(consumed)).await;
+    }
+    shared.connections.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn session_options(config: &Config, req: &handshake::Request) -> Result<Options, String> {
+    let format = match req.query.get("format").map(String::as_str) {
+        None => config.format,
+        Some("json") => Format::Json,
+        Some("binary") => Format::Binary,
+        Some(other) => return Err(format!("unknown format '{other}' (json or binary)\n")),
+    };
+    let pacing = match req.query.get("pacing").map(String::as_str) {
+        None => config.pacing,
+        Some("realtime") => Pacing::Realtime,
+        Some("asap") => Pacing::Asap,
+        Some(other) => return Err(format!("unknown pacing '{other}' (realtime or asap)\n")),
+    };
+    let model = match req.query.get("model") {
+        Some(m) if !m.is_empty() => m.clone(),
+        _ => config.model.clone(),
+    };
+    let input_rate = match req.query.get("input_rate") {
+        None => vad::DEFAULT_INPUT_RATE,
+        Some(r) => match r.parse::<u32>() {
+            Ok(n) if vad::INPUT_RATES.contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "unsupported input_rate '{r}' (one of {:?})\n",
+                    vad::INPUT_RATES
+                ))
+            }
+        },
+    };
+    Ok(Options {
+        format,
+        pacing,
+        model,
+        input_rate,
+    })
+}
+
+fn new_session_id() -> String {
+    let n: u64 = rand::random();
+    format!("ws-{:012x}", n & 0xffff_ffff_ffff)
+}
+
+async fn run_session(
+    core: &Rc<Core>,
+    sessions: &Sessions,
+    stream: TcpStream,
+    opts: Options,
+    leftover: Vec<u8>,
+) {
+    let shared = &core.shared;
+    let stream = Rc::new(stream);
+    let session = {
+        let mut sessions = sessions.borrow_mut();
+        let entry = sessions.vacant_entry();
+        let s = Rc::new(Session::new(
+            entry.key(),
+            new_session_id(),
+            opts,
+            core.clone(),
+        ));
+        entry.insert(s.clone());
+        s
+    };
+    shared.metrics.sessions_active.inc();
+    shared.metrics.sessions_total.inc();
+    let core_gauge = shared.metrics.core_sessions(core.index);
+    core_gauge.inc();
+    tracing::info!(parent: &session.span, format = session.opts.format.as_str(),
+        pacing = session.opts.pacing.as_str(), model = %session.opts.model, "session open");
+
+    session.send_event(&ServerEvent::SessionStart {
+        session_id: session.id.clone(),
+        format: Some(session.opts.format),
+        pacing: Some(session.opts.pacing),
+        model: Some(session.opts.model.clone()),
+        sample_rate: Some(crate::audio::SAMPLE_RATE),
+        frame_ms: Some(crate::audio::FRAME_MS),
+        protocol: Some(1),
+    });
+    session.output.attach_socket(stream.clone());
+    let writer = tokio_uring::spawn(writer(session.clone(), stream.clone()));
+    if shared.config.idle_timeout.is_some() || shared.config.max_session.is_some() {
+        session.own_task(tokio_uring::spawn(watchdog(session.clone())));
+    }
+
+    let mut decoder = Decoder::new(shared.config.max_message_bytes, leftover);
+    let mut buf = vec![0u8; READ_BUF];
+    'read: loop {
+        loop {
+            match decoder.next_message() {
+                Inbound::Message(tungstenite::Message::Text(t)) => {
+                    session.on_client_text(t.as_str())
+                }
+                Inbound::Message(tungstenite::Message::Binary(b)) => session.on_client_binary(&b),
+                Inbound::Message(_) => {}
+                Inbound::NeedMore => break,
+                Inbound::Closed => {
+                    if let Some(reply) = decoder.take_replies() {
+                        session.send(Bytes::from(reply));
+                    }
+                    session.output.finish();
+                    break 'read;
+                }
+                Inbound::Violation(code, reason) => {
+                    tracing::info!(parent: &session.span, code, %reason, "protocol violation");
+                    session.close_with(CloseReason::from_violation(code));
+                    break 'read;
+                }
+            }
+        }
+        if let Some(reply) = decoder.take_replies() {
+            session.send(Bytes::from(reply));
+        }
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => decoder.feed(&buf[..n]),
+        }
+    }
+    session.close();
+    // Let the writer flush a close frame, bounded so a stuck peer can't pin the session.
+    session.output.finish();
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
+        session.output.dead();
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let last = {
+        let mut sessions = sessions.borrow_mut();
+        sessions.try_remove(session.key);
+        sessions.is_empty()
+    };
+    shared.metrics.sessions_active.dec();
+    core_gauge.dec();
+    tracing::info!(parent: &session.span, "session closed");
+    if last {
+        core.trim();
+    }
+}
+
+/// Drains the session's output queue into the socket with vectored writes; closes the socket
+/// once the session has finished its output.
+async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    loop {
+        let done = session.output.take(&mut batch, MAX_IOV);
+        if batch.is_empty() {
+            if done {
+                break;
+            }
+            session.output.ready().await;
+            continue;
+        }
+        if let Err(e) = write_all(&stream, &mut batch).await {
+            tracing::debug!(parent: &session.span, error = %e, "write failed");
+            session.output.dead();
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Writes every chunk of `batch` (handling partial writes) and leaves it empty.
+async fn write_all(stream: &TcpStream, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
+    while !batch.is_empty() {
+        let (res, b) = stream.writev(std::mem::take(batch)).await;
+        *batch = b;
+        let mut n = res?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut done = 0;
+        for chunk in batch.iter_mut() {
+            if n >= chunk.len() {
+                n -= chunk.len();
+                done += 1;
+            } else {
+                bytes::Buf::advance(chunk, n);
+                break;
+            }
+        }
+        batch.drain(..done);
+    }
+    Ok(())
+}
+
+/// Ends sessions that are idle or too old.
+async fn watchdog(session: Rc<Session>) {
+    let config = session.config().clone();
+    loop {
+        let now = Instant::now();
+        let mut wait = Duration::from_secs(3600);
+        if let Some(idle) = config.idle_timeout {
+            let idle_for = session.idle_for(now);
+            if idle_for >= idle {
+                session.close_with(CloseReason::IdleTimeout);
+                return;
+            }
+            wait = wait.min(idle - idle_for);
+        }
+        if let Some(max) = config.max_session {
+            let age = session.age(now);
+            if age >= max {
+                session.close_with(CloseReason::MaxDuration);
+                return;
+            }
+            wait = wait.min(max - age);
+        }
+        tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+    }
+}

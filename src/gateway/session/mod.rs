@@ -1,0 +1,536 @@
+//! One client session: the wiring between its playback state machine, its output queue, its
+//! worker link and its microphone VAD.
+//!
+//! A session lives its whole life on the core that accepted it; everything here runs on that
+//! core's single thread. Three kinds of events drive it: client messages (from the
+//! connection's reader), audio frames (from the synthesis task reading the worker's gRPC
+//! stream) and pacer wake-ups. Each goes to [`Playback`] first, which answers with what to
+//! send ([`Emit`]); frames not yet due wait there with a pacer entry at their slot, so PAUSE
+//! and STOP act in the same loop turn that reads them.
+//!
+//! Each part sits in its own `RefCell` and every borrow ends inside the method that takes it:
+//! playback's emits write to the output queue and the pacer, never back into playback, so no
+//! re-entrant borrow is possible.
+
+pub mod link;
+pub mod output;
+pub mod playback;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::config::BargeIn;
+use super::core::Core;
+use super::upstream;
+use super::vad::{Vad, VadEvent};
+use crate::proto;
+use crate::protocol::event::InterruptReason;
+use crate::protocol::{
+    self, ClientMessage, CloseReason, Command, ErrorCode, Format, Pacing, ServerEvent,
+};
+use link::Link;
+use output::{Output, Pushed};
+use playback::{Cut, Emit, Pending, Playback, PlaybackConfig, TextRoute, MAX_AHEAD_FRAMES};
+
+/// Per-session choices made at connect time (query parameters or server defaults).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub format: Format,
+    pub pacing: Pacing,
+    pub model: String,
+    /// Sample rate of the client's microphone audio (`?input_rate=`, default 16 kHz).
+    pub input_rate: u32,
+}
+
+/// A client session.
+pub struct Session {
+    pub key: usize,
+    pub id: String,
+    pub opts: Options,
+    pub span: tracing::Span,
+    core: Rc<Core>,
+    playback: RefCell<Playback>,
+    link: RefCell<Link>,
+    /// Bytes for the connection's writer.
+    pub output: Output,
+    /// Woken when playback drains the frame queue below [`MAX_AHEAD_FRAMES`].
+    drained: tokio::sync::Notify,
+    started: Instant,
+    last_activity: Cell<Instant>,
+    /// Voice-activity detector over the client's microphone audio (barge-in).
+    vad: RefCell<Vad>,
+}
+
+impl Session {
+    pub fn new(key: usize, id: String, opts: Options, core: Rc<Core>) -> Self {
+        let span = tracing::info_span!("session", id = %id, core = core.index);
+        let now = Instant::now();
+        let config = &core.shared.config;
+        let vad = Vad::new(opts.input_rate, config.vad);
+        let playback = Playback::new(PlaybackConfig {
+            pacing: opts.pacing,
+            lead: config.lead,
+            coalesce: core.pacer.coalesce(),
+        });
+        Self {
+            key,
+            id,
+            opts,
+            vad: RefCell::new(vad),
+            span,
+            playback: RefCell::new(playback),
+            link: RefCell::new(Link::default()),
+            output: Output::default(),
+            drained: tokio::sync::Notify::new(),
+            core,
+            started: now,
+            last_activity: Cell::new(now),
+        }
+    }
+
+    // ----- output -------------------------------------------------------------------------
+
+    /// Queues bytes for the client.
+    pub fn send(&self, chunk: Bytes) {
+        let pushed = self.output.push(chunk);
+        self.after_push(pushed);
+    }
+
+    fn after_push(&self, pushed: Pushed) {
+        if pushed == Pushed::Overflow {
+            tracing::warn!(parent: &self.span, limit = output::MAX_QUEUED_BYTES,
+                "client is not reading its audio; dropping the connection");
+        }
+    }
+
+    /// Queues an event.
+    pub fn send_event(&self, event: &ServerEvent) {
+        self.send(event.to_frame());
+    }
+
+    /// The orchestrator configuration.
+    pub fn config(&self) -> &super::config::Config {
+        &self.core.shared.config
+    }
+
+    /// Tells the client about bad input or a failure; the session carries on.
+    pub fn send_error(&self, code: ErrorCode, message: &str) {
+        if code == ErrorCode::InvalidMessage {
+            self.core.shared.metrics.client_errors.inc();
+        }
+        self.send_event(&ServerEvent::error(code, message));
+    }
+
+    /// Server-initiated end: `session_end`, a close frame, then the writer closes the socket.
+    pub fn close_with(&self, reason: CloseReason) {
+        if self.output.is_closing() {
+            return;
+        }
+        tracing::info!(parent: &self.span, reason = reason.as_str(), "closing session");
+        self.send_event(&ServerEvent::SessionEnd {
+            session_id: self.id.clone(),
+            reason,
+        });
+        self.send(reason.close_frame());
+        self.output.finish();
+    }
+
+    /// Time since the last client message, or zero while audio is in progress.
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        if self.playback.borrow().busy() {
+            return Duration::ZERO;
+        }
+        now.saturating_duration_since(self.last_activity.get())
+    }
+
+    /// Age of the session.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// Remembers a task to abort when the session ends.
+    pub fn own_task(&self, task: JoinHandle<()>) {
+        self.link.borrow_mut().tasks.push(task);
+    }
+
+    // ----- client messages ----------------------------------------------------------------
+
+    /// Handles one text message from the client.
+    pub fn on_client_text(self: &Rc<Self>, raw: &str) {
+        let now = Instant::now();
+        self.last_activity.set(now);
+        match protocol::parse(raw) {
+            Ok(ClientMessage::Text { text, is_final }) => self.on_text(text, is_final, now),
+            Ok(ClientMessage::Control(cmd)) => self.on_control(cmd, now),
+            Err(reason) => {
+                tracing::debug!(parent: &self.span, %reason, "invalid client message");
+                self.send_error(ErrorCode::InvalidMessage, &reason);
+            }
+        }
+    }
+
+    /// Handles one binary message from the client: microphone audio (s16le mono at
+    /// `input_rate`). Speech is reported as `vad` events; speech while audio plays is a
+    /// barge-in (`--barge-in`), acted on in this same loop turn like a PAUSE/STOP.
+    pub fn on_client_binary(self: &Rc<Self>, pcm: &[u8]) {
+        let now = Instant::now();
+        self.last_activity.set(now);
+        // The detector's borrow is held while events are handled; handling them never
+        // touches the detector.
+        self.vad.borrow_mut().feed(pcm, |e| match e {
+            VadEvent::SpeechStart => {
+                self.send_event(&ServerEvent::Vad { speaking: true });
+                self.barge_in(now);
+            }
+            VadEvent::SpeechEnd => self.send_event(&ServerEvent::Vad { speaking: false }),
+        });
+    }
+
+    /// The user started speaking: stop or pause what is playing, per `--barge-in`.
+    fn barge_in(self: &Rc<Self>, read_at: Instant) {
+        if !self.playback.borrow().playing() {
+            return;
+        }
+        match self.core.shared.config.barge_in {
+            BargeIn::Off => {}
+            BargeIn::Stop => self.stop_current(InterruptReason::BargeIn, read_at),
+            BargeIn::Pause => {
+                self.on_control(Command::Pause, read_at);
+                let sent = self.playback.borrow().sent();
+                self.send_event(&ServerEvent::interrupted(InterruptReason::BargeIn, sent));
+            }
+        }
+    }
+
+    fn on_text(self: &Rc<Self>, text: String, is_final: bool, now: Instant) {
+        let route = self.playback.borrow_mut().on_text(text, is_final, now);
+        match route {
+            TextRoute::Current(generation, text) => self
+                .link
+                .borrow_mut()
+                .push_text(generation, &self.id, text, is_final),
+            TextRoute::Queued => {}
+            TextRoute::Start(pending) => self.start_utterance(pending),
+        }
+    }
+
+    fn on_control(self: &Rc<Self>, cmd: Command, read_at: Instant) {
+        match cmd {
+            Command::Pause => {
+                let active = self.playback.borrow_mut().pause();
+                self.core
+                    .shared
+                    .metrics
+                    .barge_in_latency
+                    .observe(read_at.elapsed().as_secs_f64());
+                if active {
+                    self.tell_worker(proto::ControlCommand::Pause);
+                }
+            }
+            Command::Resume => {
+                let now = Instant::now();
+                let resumed = self.playback.borrow_mut().resume(now);
+                match resumed {
+                    None => return,
+                    Some(true) => self.tell_worker(proto::ControlCommand::Resume),
+                    Some(false) => {}
+                }
+                self.advance(now);
+            }
+            Command::Stop => self.stop_current(InterruptReason::Stop, read_at),
+        }
+    }
+
+    /// STOP: ends the current utterance (its end marker follows `interrupted`), drops the
+    /// queued ones.
+    fn stop_current(&self, reason: InterruptReason, read_at: Instant) {
+        let cut = self.playback.borrow_mut().stop();
+        let Some(Cut { sent, .. }) = cut else {
+            return;
+        };
+        // Dropping the stream resets it on the wire: the worker stops generating.
+        // (A Control STOP is not sent: it could race with the next utterance's stream
+        // and stop that one instead.)
+        self.link.borrow_mut().cancel();
+        self.send_event(&ServerEvent::interrupted(reason, sent));
+        self.send_end_marker(sent + 1);
+        self.core
+            .shared
+            .metrics
+            .barge_in_latency
+            .observe(read_at.elapsed().as_secs_f64());
+    }
+
+    // ----- utterances ---------------------------------------------------------------------
+
+    fn start_utterance(self: &Rc<Self>, pending: Pending) {
+        let started = self.playback.borrow_mut().start(pending);
+        let Some((generation, chunks)) = started else {
+            return;
+        };
+        let task = tokio_uring::spawn(synthesis_task(self.clone(), generation));
+        self.link.borrow_mut().begin(generation, chunks, task);
+        self.core.shared.metrics.synthesis.inc();
+    }
+
+    /// Frames of utterance `generation` waiting to be played.
+    fn frames_ahead(&self, generation: u64) -> usize {
+        self.playback.borrow().frames_ahead(generation)
+    }
+
+    /// A PCM frame from the worker for utterance `generation` (called by the synthesis task;
+    /// public so the zero-allocation test can drive the forwarding path directly).
+    pub fn deliver_frame(self: &Rc<Self>, generation: u64, pcm: Bytes) {
+        let now = Instant::now();
+        let underrun = self.playback.borrow_mut().on_frame(generation, pcm, now);
+        match underrun {
+            None => return,
+            Some(true) => {
+                self.core.shared.metrics.underruns.inc();
+            }
+            Some(false) => {}
+        }
+        self.advance(now);
+    }
+
+    fn on_worker_done(self: &Rc<Self>, generation: u64) {
+        self.link.borrow_mut().finished(generation);
+        if self.playback.borrow_mut().on_worker_done(generation) {
+            self.advance(Instant::now());
+        }
+    }
+
+    fn fail_utterance(self: &Rc<Self>, generation: u64, code: ErrorCode, message: &str) {
+        let cut = self.playback.borrow_mut().fail(generation);
+        let Some(Cut { sent, .. }) = cut else {
+            return;
+        };
+        {
+            let mut link = self.link.borrow_mut();
+            link.finished(generation);
+            link.cancel();
+        }
+        tracing::warn!(parent: &self.span, code = code.as_str(), %message, "utterance failed");
+        self.core.shared.metrics.synthesis_errors.inc();
+        self.send_error(code, message);
+        self.send_end_marker(sent + 1);
+        self.start_next();
+    }
+
+    /// A pacer wake-up for `generation`.
+    pub fn on_timer(self: &Rc<Self>, generation: u64, now: Instant) {
+        if self.playback.borrow_mut().on_timer(generation) {
+            self.advance(now);
+        }
+    }
+
+    /// Sends what is due, finishes the utterance when everything is out, starts the next.
+    fn advance(self: &Rc<Self>, now: Instant) {
+        if self.pump(now) {
+            self.start_next();
+        }
+    }
+
+    /// Sends every frame due at `now`; returns true when the utterance just finished.
+    fn pump(&self, now: Instant) -> bool {
+        let core = &self.core;
+        let metrics = &core.shared.metrics;
+        let mut playback = self.playback.borrow_mut();
+        playback.pump(now, &mut |emit| match emit {
+            Emit::Frame { sequence, pcm } => {
+                let chunks = protocol::audio::audio(
+                    self.opts.format,
+                    sequence,
+                    Some(&pcm),
+                    false,
+                    &mut core.json_arena.borrow_mut(),
+                );
+                let pushed = self.output.push_audio(chunks);
+                self.after_push(pushed);
+                metrics.frames_sent.inc();
+            }
+            Emit::EndMarker { sequence } => self.send_end_marker(sequence),
+            Emit::Schedule { due, generation } => core.pacer.schedule(due, self.key, generation),
+            Emit::Late(late) => metrics.frame_lateness.observe(core.index, late),
+            Emit::FirstAudio(latency) => metrics.first_audio_latency.observe(latency.as_secs_f64()),
+            Emit::Drained => self.drained.notify_one(),
+        })
+    }
+
+    fn send_end_marker(&self, sequence: u32) {
+        let chunks = protocol::audio::audio(
+            self.opts.format,
+            sequence,
+            None,
+            true,
+            &mut self.core.json_arena.borrow_mut(),
+        );
+        let pushed = self.output.push_audio(chunks);
+        self.after_push(pushed);
+    }
+
+    fn start_next(self: &Rc<Self>) {
+        let next = self.playback.borrow_mut().next_pending();
+        if let Some(p) = next {
+            self.start_utterance(p);
+        }
+    }
+
+    /// The connection ended: cancel everything and release the worker session.
+    pub fn close(self: &Rc<Self>) {
+        if self.playback.borrow().is_closed() {
+            return;
+        }
+        self.playback.borrow_mut().close();
+        let (worker, opened) = {
+            let mut link = self.link.borrow_mut();
+            link.cancel();
+            for t in link.tasks.drain(..) {
+                t.abort();
+            }
+            link.control = None;
+            (link.worker, link.opened)
+        };
+        if let Some(w) = worker {
+            self.core.upstream.release(w);
+        }
+        if let Some(worker) = worker.filter(|_| opened) {
+            let core = self.core.clone();
+            let id = self.id.clone();
+            tokio_uring::spawn(async move {
+                if let Ok(client) = core.upstream.client(worker).await {
+                    let _ = upstream::end_session(&client, &id).await;
+                }
+            });
+        }
+    }
+
+    // ----- the worker ---------------------------------------------------------------------
+
+    /// Sends playback commands to the worker in order (one at a time, each awaited), so a
+    /// quick PAUSE/RESUME pair can never arrive swapped.
+    fn tell_worker(self: &Rc<Self>, cmd: proto::ControlCommand) {
+        let mut link = self.link.borrow_mut();
+        let Some(worker) = link.worker.filter(|_| link.opened) else {
+            return;
+        };
+        if link.control.is_none() {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let core = self.core.clone();
+            let id = self.id.clone();
+            let span = self.span.clone();
+            let task = tokio_uring::spawn(async move {
+                while let Some(cmd) = rx.recv().await {
+                    let result = match core.upstream.client(worker).await {
+                        Ok(client) => upstream::control(&client, &id, cmd).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(parent: &span, error = %e, "control not delivered");
+                    }
+                }
+            });
+            link.tasks.push(task);
+            link.control = Some(tx);
+        }
+        if let Some(tx) = &link.control {
+            let _ = tx.send(cmd);
+        }
+    }
+
+    /// After a worker failure the next utterance chooses again and re-registers the session.
+    fn forget_worker(&self) {
+        let released = self.link.borrow_mut().forget();
+        if let Some(w) = released {
+            self.core.upstream.release(w);
+        }
+    }
+
+    /// Opens the worker stream and reads frames until the end of the synthesis. Errors carry
+    /// the code and the message for the client; details (addresses, OS errors) go to the log.
+    async fn synthesize(self: &Rc<Self>, generation: u64) -> Result<(), (ErrorCode, String)> {
+        let upstream = &self.core.upstream;
+        let chosen = {
+            let link = self.link.borrow();
+            link.worker.map(|w| (w, !link.opened))
+        };
+        let (worker, needs_start) = match chosen {
+            Some(c) => c,
+            None => {
+                let w = upstream.pick(&self.opts.model).ok_or((
+                    ErrorCode::WorkerUnavailable,
+                    "no TTS worker is available".to_string(),
+                ))?;
+                self.link.borrow_mut().worker = Some(w);
+                (w, true)
+            }
+        };
+        let unavailable = |e: crate::grpc::Status| {
+            tracing::warn!(parent: &self.span, worker = %upstream.addr(worker), error = %e,
+                "worker unavailable");
+            self.forget_worker();
+            (
+                ErrorCode::WorkerUnavailable,
+                "the TTS worker is unavailable; try again".to_string(),
+            )
+        };
+        let client = upstream.client(worker).await.map_err(unavailable)?;
+        if needs_start {
+            upstream::start_session(&client, &self.id, &self.opts.model)
+                .await
+                .map_err(unavailable)?;
+            self.link.borrow_mut().opened = true;
+        }
+        let (sink, mut stream) = upstream::synthesize(&client).await.map_err(unavailable)?;
+        if !self.link.borrow_mut().attach(generation, &self.id, sink) {
+            return Ok(());
+        }
+        loop {
+            while self.frames_ahead(generation) >= MAX_AHEAD_FRAMES {
+                self.drained.notified().await;
+            }
+            match stream.message().await {
+                Ok(Some(frame)) => {
+                    if frame.audio_data.is_empty() && !frame.is_final {
+                        return Err((
+                            ErrorCode::SynthesisFailed,
+                            "the TTS worker sent an invalid frame".into(),
+                        ));
+                    }
+                    if !frame.audio_data.is_empty() {
+                        self.deliver_frame(generation, frame.audio_data);
+                    }
+                    if frame.is_final {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(parent: &self.span, worker = %upstream.addr(worker),
+                        error = %e, "synthesis failed");
+                    upstream.mark_failed(worker);
+                    self.forget_worker();
+                    return Err((
+                        ErrorCode::SynthesisFailed,
+                        "synthesis failed on the TTS worker".into(),
+                    ));
+                }
+            }
+        }
+        self.on_worker_done(generation);
+        // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:
+        // a worker that never sends them must not keep this task alive).
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
+        Ok(())
+    }
+}
+
+async fn synthesis_task(session: Rc<Session>, generation: u64) {
+    if let Err((code, message)) = session.synthesize(generation).await {
+        session.fail_utterance(generation, code, &message);
+    }
+}
