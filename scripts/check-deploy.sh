@@ -48,8 +48,18 @@ command -v python3 >/dev/null || need+=(python3)
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then need+=(python3-venv); fi
 if ((${#need[@]})); then
     log "installing ${need[*]} (apt)"
-    # Debian starts services on install unless told otherwise; these are only used as checkers.
-    apt_install $(printf '%s\n' "${need[@]}" | sort -u)
+    # Debian starts a package's service on install (prometheus on :9090, nginx on :80, haproxy);
+    # here they are only checkers, so a temporary policy-rc.d forbids starting them.
+    policy_rc=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        policy_rc=/usr/sbin/policy-rc.d
+    fi
+    rc=0
+    apt_install $(printf '%s\n' "${need[@]}" | sort -u) || rc=$?
+    [[ -n $policy_rc ]] && rm -f "$policy_rc"
+    ((rc == 0)) || exit "$rc"
 fi
 PATH=$PATH:/usr/sbin
 if ! "$VENV/bin/python" -c 'import kubernetes_validate, websockets, yaml' 2>/dev/null; then

@@ -366,7 +366,8 @@ helper wait-target "$PROM"
 log "target up and scraped; driving traffic"
 
 # Traffic, then one session held open (the helper sleeps until the deadline or cleanup).
-helper traffic "ws://127.0.0.1:$PORT/" "$tmp/held" 2>"$tmp/traffic.log" &
+# Started directly, not through the helper function: $! must be python's own PID for cleanup.
+"$PY" "$tmp/helper.py" traffic "ws://127.0.0.1:$PORT/" "$tmp/held" 2>"$tmp/traffic.log" &
 pids+=($!)
 if ! helper wait-file "$tmp/held" "${pids[2]}"; then cat "$tmp/traffic.log" >&2; exit 1; fi
 cat "$tmp/traffic.log" >&2
