@@ -1,8 +1,9 @@
 //! duplex: a real-time, full-duplex voice gateway.
 //!
-//! Clients speak WebSocket to the orchestrator ([`runtime`], [`ws`], [`session`]); TTS workers
-//! speak gRPC over raw HTTP/2 ([`grpc`], [`worker`]); the admin endpoints live in [`http`].
-//! Read `README.md` for the architecture and `proto/tts.proto` for the worker contract.
+//! Clients speak WebSocket to the orchestrator ([`gateway`], over [`ws`] and [`protocol`]);
+//! TTS workers ([`worker`]) speak gRPC, which the orchestrator drives over raw HTTP/2
+//! ([`grpc`]); workers are found through Redis ([`registry`]). docs/ARCHITECTURE.md draws the
+//! picture and docs/PROTOCOL.md is the wire contract.
 
 pub mod bench;
 pub mod cli;
@@ -21,7 +22,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/tts.rs"));
 }
 
-/// Audio constants shared by every component (PROTOCOL.md: s16le mono 48 kHz, 20 ms frames).
+/// Audio constants shared by every component (docs/PROTOCOL.md: s16le mono 48 kHz, 20 ms frames).
 pub mod audio {
     /// Samples per second of every PCM stream the gateway carries.
     pub const SAMPLE_RATE: u32 = 48_000;

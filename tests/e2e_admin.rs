@@ -1,5 +1,5 @@
 //! End to end: the operator's side of the orchestrator: the HTTP endpoints on the WebSocket
-//! port (PROTOCOL.md 4) and the command line (bad flags, busy ports, `duplex demo`).
+//! port (docs/PROTOCOL.md 4) and the command line (bad flags, busy ports, `duplex demo`).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! End to end: microphone audio (binary client messages, PROTOCOL.md 1.2) and voice-activity
+//! End to end: microphone audio (binary client messages, docs/PROTOCOL.md 1.2) and voice-activity
 //! barge-in. Speech while audio plays interrupts it in the loop turn that reads it (`--barge-in
 //! stop`, the default), holds it (`pause`) or is only reported (`off`); silence changes
 //! nothing; every change of speech state is a `vad` event.

@@ -1,5 +1,5 @@
 //! End to end: real-time pacing and the PAUSE / RESUME / STOP controls acting while audio is
-//! streaming (PROTOCOL.md 1.2, 1.4).
+//! streaming (docs/PROTOCOL.md 1.2, 1.4).
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! End to end: what the orchestrator does with bad input, with limits and with idle sessions
-//! (PROTOCOL.md 1.2, 1.3): bad messages get an `error` and the socket carries on; WebSocket
+//! (docs/PROTOCOL.md 1.2, 1.3): bad messages get an `error` and the socket carries on; WebSocket
 //! protocol violations close with the right code; the connection cap refuses the upgrade.
 
 mod common;
@@ -158,7 +158,7 @@ async fn oversized_message_closes_with_1009() {
                 assert_eq!(code, 1009, "oversized message: close code");
                 break;
             }
-            // A server-started close may be announced (PROTOCOL.md 1.3).
+            // A server-started close may be announced (docs/PROTOCOL.md 1.3).
             Incoming::Json(v) if v["type"] == "session_end" => continue,
             other => panic!("expected close 1009, got {other:?}"),
         }

@@ -1,5 +1,5 @@
 //! End to end: one utterance through the real orchestrator and mock worker, in both output
-//! formats (PROTOCOL.md 1.1, 1.3): the greeting, frame numbering, the end marker, streamed
+//! formats (docs/PROTOCOL.md 1.1, 1.3): the greeting, frame numbering, the end marker, streamed
 //! text and the binary frame header.
 
 mod common;

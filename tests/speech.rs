@@ -93,7 +93,7 @@ async fn next(rx: &mut ResponseStream<AudioFrame>, wait: Duration) -> Option<Aud
     }
 }
 
-/// Checks one frame against PROTOCOL.md §2 given the frames before it.
+/// Checks one frame against docs/PROTOCOL.md §2 given the frames before it.
 fn check_frame(f: &AudioFrame, session: &str, seen: usize) {
     assert_eq!(f.session_id, session);
     assert_eq!(f.sequence_number, seen as i64 + 1, "sequence 1..N");

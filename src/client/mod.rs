@@ -1,4 +1,4 @@
-//! `duplex say`: a command-line client of the orchestrator's WebSocket protocol (PROTOCOL.md
+//! `duplex say`: a command-line client of the orchestrator's WebSocket protocol (docs/PROTOCOL.md
 //! §1), for scripts and for trying the gateway without writing code.
 //!
 //! - `duplex say "Hello world" --out hello.wav` speaks one text, writes a 48 kHz mono 16-bit

@@ -1,6 +1,6 @@
 //! Voice-activity detection on the client's microphone audio (binary WebSocket messages:
 //! s16le mono PCM, 16 kHz unless the session asked for another rate with `?input_rate=`), so
-//! that speech while audio plays is a barge-in (PROTOCOL.md §1.2).
+//! that speech while audio plays is a barge-in (docs/PROTOCOL.md §1.2).
 //!
 //! Why an energy detector with hysteresis rather than a model: it decides per 20 ms window in
 //! a few hundred nanoseconds on the core thread, allocates nothing, and needs no model file;
@@ -12,7 +12,7 @@
 
 /// Sample rates accepted for microphone audio.
 pub const INPUT_RATES: [u32; 4] = [8_000, 16_000, 24_000, 48_000];
-/// Default microphone sample rate (PROTOCOL.md §1.2).
+/// Default microphone sample rate (docs/PROTOCOL.md §1.2).
 pub const DEFAULT_INPUT_RATE: u32 = 16_000;
 /// Window the energy is measured over.
 const WINDOW_MS: u32 = 20;

@@ -1,4 +1,4 @@
-//! The Redis worker registry (PROTOCOL.md §3): workers announce themselves, orchestrators find
+//! The Redis worker registry (docs/PROTOCOL.md §3): workers announce themselves, orchestrators find
 //! them and pick one per session.
 //!
 //! - [`record`]: the JSON record under `worker:<name>`, written and parsed strictly.
@@ -24,9 +24,9 @@ pub use record::{parse, Capabilities, Metrics, WorkerRecord};
 pub use register::{spawn_registration, Registration, RegistrationConfig};
 pub use select::{choose, Candidate};
 
-/// Key prefix of worker records (PROTOCOL.md §3); a deployment may change it to share a Redis.
+/// Key prefix of worker records (docs/PROTOCOL.md §3); a deployment may change it to share a Redis.
 pub const DEFAULT_PREFIX: &str = "worker:";
-/// Lifetime of a record without heartbeat (PROTOCOL.md §3 default).
+/// Lifetime of a record without heartbeat (docs/PROTOCOL.md §3 default).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// How often discovery re-reads the registry when no keyspace notification arrives.
 pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);

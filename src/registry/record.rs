@@ -1,4 +1,4 @@
-//! The worker record stored in Redis (PROTOCOL.md §3): what a worker says about itself.
+//! The worker record stored in Redis (docs/PROTOCOL.md §3): what a worker says about itself.
 //!
 //! The record is shared with another system whose readers reject records with extra or missing
 //! keys, so this module is strict in both directions: [`WorkerRecord::to_json`] writes exactly
@@ -219,7 +219,7 @@ pub fn now_epoch_secs() -> f64 {
 /// Parses the value stored under `key` into a record.
 ///
 /// Rejects (with a message that names `key` and the offending field) anything but a JSON object
-/// with exactly the keys of PROTOCOL.md §3: a missing or extra key at the top level or inside
+/// with exactly the keys of docs/PROTOCOL.md §3: a missing or extra key at the top level or inside
 /// `capabilities`, a value of the wrong type, a non-number in `metrics`, a `metrics` without
 /// `rtf` or `queue_depth`, an `addr` that is not `grpc://host:port`, or an empty `name`.
 /// Integers are accepted where floats are expected (`last_heartbeat_ts`, metrics).

@@ -1,7 +1,7 @@
 //! Choosing a worker for a new session: a pure function, so routing is testable without Redis
 //! or sockets and the orchestrator can call it on any core.
 //!
-//! Order of preference (PROTOCOL.md / issue 5):
+//! Order of preference (docs/PROTOCOL.md / issue 5):
 //! 1. **healthy only**: fresh heartbeat (discovery already drops stale records) and no recent
 //!    local failure (the caller knows that, see [`Candidate::healthy`]);
 //! 2. **requested model resident** (`?model=`): a worker that has it loaded starts at once,

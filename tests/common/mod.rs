@@ -37,7 +37,7 @@ pub const MOCK_FRAMES: usize = 25;
 /// Upper bound for anything that should happen "soon" (process start, a reply, an utterance).
 /// Generous because the test machine is small and shared.
 pub const WAIT: Duration = Duration::from_secs(10);
-/// Bytes of the binary-format frame header (PROTOCOL.md 1.3, README).
+/// Bytes of the binary-format frame header (docs/PROTOCOL.md 1.3, README).
 pub const BINARY_HEADER_BYTES: usize = 8;
 
 /// The path of the binary under test, built by cargo for this test run.
@@ -714,7 +714,7 @@ pub enum Audio {
     End(u64),
 }
 
-/// Parses and validates a JSON `audio` message (fields per PROTOCOL.md 1.3); `None` if `v` is
+/// Parses and validates a JSON `audio` message (fields per docs/PROTOCOL.md 1.3); `None` if `v` is
 /// some other message type.
 pub fn parse_audio(v: &Value) -> Option<Audio> {
     if v["type"] != "audio" {
