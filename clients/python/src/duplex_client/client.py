@@ -158,6 +158,15 @@ class Utterance:
         assert isinstance(item, AudioFrame)
         return item
 
+    async def cancel(self) -> None:
+        """Drop this utterance only: unqueue it, or STOP it if it is the one in flight.
+
+        Unlike ``Client.stop()`` the utterances queued behind it are kept (the
+        server never holds more than the one in flight, so its STOP touches
+        nothing else). No-op once the utterance is done.
+        """
+        await self._client._cancel(self)
+
     async def wait(self) -> None:
         """Wait until the utterance ended; raises its error if it failed."""
         await asyncio.shield(self._done)
@@ -561,6 +570,20 @@ class Client:
         self._queued.clear()
         self._open = None
         await self._enqueue(json.dumps({"type": "control", "command": "STOP"}))
+
+    async def _cancel(self, u: Utterance) -> None:
+        if u.done:
+            return
+        if u is self._inflight:
+            if self._open is u:
+                self._open = None
+            await self._enqueue(json.dumps({"type": "control", "command": "STOP"}))
+        elif u in self._queued:
+            self._queued.remove(u)
+            if self._open is u:
+                self._open = None
+            u.cancelled = True
+            u._finish()
 
     async def send_audio(self, pcm: bytes | bytearray | memoryview) -> None:
         """Send microphone audio: s16le mono PCM at ``input_rate`` (16 kHz by default), any length.
