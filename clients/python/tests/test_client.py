@@ -382,3 +382,17 @@ def test_rejects_bad_arguments() -> None:
         Client("ws://127.0.0.1:1/", format="xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Client("ws://127.0.0.1:1/", pacing="slow")  # type: ignore[arg-type]
+
+
+async def test_cancel_one_utterance_keeps_the_others(demo_url: str) -> None:
+    async with Client(demo_url) as c:
+        playing, doomed, kept = c.speak("one"), c.speak("two"), c.speak("three")
+        await doomed.cancel()  # queued: just unqueued
+        assert doomed.cancelled and doomed.done and not doomed.sent
+        await wait_until(lambda: playing.frames_received >= 3)
+        await playing.cancel()  # in flight: STOP, which touches nothing else
+        frames = await asyncio.wait_for(playing.collect(), WAIT)
+        assert playing.interrupted is not None and len(frames) < MOCK_FRAMES
+        assert_full_utterance(await asyncio.wait_for(kept.collect(), WAIT))
+        await kept.cancel()  # done: no-op
+        assert kept.interrupted is None
