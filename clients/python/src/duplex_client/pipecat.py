@@ -122,7 +122,7 @@ class DuplexTTSService(TTSService):
 
     async def cleanup(self) -> None:
         """Release the connection at teardown."""
-        await super().cleanup()
+        await super().cleanup()  # type: ignore[no-untyped-call]
         await self._disconnect()
 
     async def _connect(self) -> None:
