@@ -382,6 +382,8 @@ def test_rejects_bad_arguments() -> None:
         Client("ws://127.0.0.1:1/", format="xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Client("ws://127.0.0.1:1/", pacing="slow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Client("ws://127.0.0.1:1/", input_rate=44_100)
 
 
 async def test_cancel_one_utterance_keeps_the_others(demo_url: str) -> None:

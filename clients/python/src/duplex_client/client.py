@@ -297,6 +297,9 @@ class Client:
     ) -> None:
         if format not in ("json", "binary"):
             raise ValueError(f"format must be 'json' or 'binary', not {format!r}")
+        if input_rate is not None and input_rate not in (8000, 16000, 24000, 48000):
+            # The server refuses other rates with HTTP 400 at the handshake.
+            raise ValueError(f"input_rate must be 8000, 16000, 24000 or 48000, not {input_rate}")
         if pacing not in ("realtime", "asap"):
             raise ValueError(f"pacing must be 'realtime' or 'asap', not {pacing!r}")
         self.format: Format = format
@@ -549,7 +552,11 @@ class Client:
             fut.add_done_callback(_log_send_failure)
 
     async def pause(self) -> None:
-        """PAUSE: no frame leaves the server after it reads this; buffered audio is kept."""
+        """PAUSE: no frame leaves the server after it reads this; buffered audio is kept.
+
+        The server's pause lasts until RESUME or STOP, across utterances: a PAUSE
+        sent while nothing plays holds the next utterance's first frame.
+        """
         await self._enqueue(json.dumps({"type": "control", "command": "PAUSE"}))
 
     async def resume(self) -> None:
