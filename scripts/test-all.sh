@@ -72,4 +72,10 @@ else
     echo "skipped: this build of duplex has no 'bench' subcommand"
 fi
 
+step "Python client and Pipecat service (clients/python, against the release binary)"
+DUPLEX_BIN="$PWD/$bin" scripts/test-python.sh
+
+step "deployment artefacts (promtool, kubernetes-validate, haproxy/nginx, a real Prometheus scraping the gateway)"
+DUPLEX_BIN="$PWD/$bin" scripts/check-deploy.sh
+
 step "all checks passed"
