@@ -36,17 +36,20 @@ pub enum Command {
     // [speech] CLI client of the WebSocket protocol.
     /// Speak a text (or each stdin line) through an orchestrator; save a WAV or pipe raw PCM.
     Say(crate::client::SayArgs),
+    /// Mint an HS256 token for a gateway started with `--jwt-secret-file` (for trying it out).
+    Token(crate::gateway::auth::TokenArgs),
 }
 
 /// Flags of `duplex serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address for WebSocket clients and the HTTP admin endpoints.
-    #[arg(long, default_value = "0.0.0.0:8080")]
+    #[arg(long, default_value = "0.0.0.0:8080", env = "DUPLEX_LISTEN")]
     pub listen: String,
     /// TTS worker address (grpc://HOST:PORT); repeat for several workers. Needed unless
     /// `--redis` discovers them.
-    #[arg(long = "worker", required_unless_present = "redis")]
+    #[arg(long = "worker", env = "DUPLEX_WORKERS", value_delimiter = ',',
+        required_unless_present_any = ["redis", "redis_url_file"])]
     pub workers: Vec<String>,
     #[command(flatten)]
     pub discovery: crate::gateway::config::DiscoveryArgs,
@@ -58,7 +61,7 @@ pub struct ServeArgs {
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Address for WebSocket clients, the web page and the admin endpoints.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = "127.0.0.1:8080", env = "DUPLEX_LISTEN")]
     pub listen: String,
     /// Delay before the mock voice's first frame, in milliseconds.
     #[arg(long, default_value_t = 0)]
@@ -76,12 +79,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let mut config = Config::new(&args.listen, &args.workers, &args.orchestrator)?;
-            config.discovery = args.discovery;
+            config.discovery = args.discovery.resolved()?;
             // Handlers first: a SIGTERM right after "listening" must be a clean shutdown.
             let signals = Signals::install()?;
             let orchestrator = crate::gateway::Orchestrator::start(config)?;
-            signals.wait();
-            tracing::info!("shutting down");
+            signals.wait(|| orchestrator.reload());
+            tracing::info!("draining, then shutting down");
             orchestrator.shutdown();
             Ok(())
         }
@@ -121,8 +124,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
             println!("  try: duplex say \"Hello world\" --url ws://{addr}/ --out hello.wav");
-            println!("  health: http://{addr}/health   metrics: http://{addr}/metrics");
-            signals.wait();
+            if let Some(admin) = orchestrator.admin_addr() {
+                println!("  health: http://{admin}/health   metrics: http://{admin}/metrics");
+            }
+            signals.wait(|| orchestrator.reload());
             orchestrator.shutdown();
             worker.shutdown();
             Ok(())
@@ -130,6 +135,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => crate::worker::run(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Say(args) => crate::client::run(args),
+        Command::Token(args) => {
+            println!("{}", crate::gateway::auth::mint(&args)?);
+            Ok(())
+        }
     }
 }
 
@@ -196,12 +205,13 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// SIGINT/SIGTERM handlers, installed before anything starts listening so that a signal
-/// arriving right after start-up is a clean shutdown rather than the default kill.
+/// SIGINT/SIGTERM/SIGHUP handlers, installed before anything starts listening so that a
+/// signal arriving right after start-up is a clean shutdown rather than the default kill.
 struct Signals {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -210,21 +220,25 @@ impl Signals {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (term, int) = rt.block_on(async {
+        let (term, int, hup) = rt.block_on(async {
             anyhow::Ok((
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
             ))
         })?;
-        Ok(Self { rt, term, int })
+        Ok(Self { rt, term, int, hup })
     }
 
-    /// Blocks until SIGINT or SIGTERM.
-    fn wait(mut self) {
+    /// Blocks until SIGINT or SIGTERM; runs `reload` on each SIGHUP meanwhile.
+    fn wait(mut self, reload: impl Fn()) {
         self.rt.block_on(async {
-            tokio::select! {
-                _ = self.term.recv() => {}
-                _ = self.int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = self.term.recv() => return,
+                    _ = self.int.recv() => return,
+                    _ = self.hup.recv() => reload(),
+                }
             }
         });
     }

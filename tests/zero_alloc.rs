@@ -43,26 +43,26 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn args() -> OrchestratorArgs {
-    OrchestratorArgs {
-        cores: Some(1),
-        pacing: Pacing::Asap,
-        lead_ms: 0,
-        max_connections: 10,
-        max_message_bytes: 1 << 20,
-        idle_timeout_secs: 0.0,
-        max_session_secs: 0.0,
-        model: "mock-440hz".into(),
-        coalesce_us: 500,
-        realtime_priority: None,
-        barge_in: duplex::gateway::config::BargeIn::Stop,
-        vad_threshold_dbfs: -35.0,
-    }
+    OrchestratorArgs::parse_from([
+        "--cores",
+        "1",
+        "--pacing",
+        "asap",
+        "--idle-timeout-secs",
+        "0",
+        "--model",
+        "mock-440hz",
+        // Generous enough that 10,000 frames never trip the rate limits.
+        "--max-messages-per-sec",
+        "1000000",
+    ])
+    .unwrap()
 }
 
 /// Drives `frames` frames through a session and returns (allocations, last batch).
 fn forward(format: Format, frames: usize) -> (usize, Vec<Bytes>, Bytes) {
     let config = Config::new("127.0.0.1:0", &[], &args()).unwrap();
-    let (shared, _tx) = Shared::new(config).unwrap();
+    let shared = Shared::new(config).unwrap();
     tokio_uring::start(async move {
         let core = Rc::new(Core::new(0, shared).unwrap());
         let opts = Options {
@@ -70,6 +70,7 @@ fn forward(format: Format, frames: usize) -> (usize, Vec<Bytes>, Bytes) {
             pacing: Pacing::Asap,
             model: "mock-440hz".into(),
             input_rate: 16_000,
+            max_session: None,
         };
         let session = Rc::new(Session::new(
             0,

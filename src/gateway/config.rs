@@ -65,14 +65,41 @@ pub struct OrchestratorArgs {
     /// count as speech.
     #[arg(long, default_value_t = -35.0, allow_negative_numbers = true)]
     pub vad_threshold_dbfs: f64,
+    /// Address of the admin HTTP listener (`/health`, `/readiness`, `/liveness`, `/metrics`,
+    /// `/metrics/summary`, `POST /drain`). Default: the WebSocket port + 1 on the same host,
+    /// as the earlier Python system did; `none` turns it off.
+    #[arg(long, env = "DUPLEX_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// On SIGTERM or `POST /drain`, let open sessions finish their utterances for up to this
+    /// many seconds before they are cut.
+    #[arg(long, default_value_t = 30.0, env = "DUPLEX_DRAIN_SECS")]
+    pub drain_secs: f64,
+    /// File holding the shared secret sent to workers as `authorization: Bearer` gRPC metadata
+    /// (workers started with the same `--worker-token-file` refuse calls without it).
+    #[arg(long, env = "DUPLEX_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<std::path::PathBuf>,
+    /// Share the listening port with a duplex already on it (rolling restart on one host:
+    /// start the new process with `--takeover`, then SIGTERM the old one, which closes its
+    /// listeners at once and drains).
+    #[arg(long, env = "DUPLEX_TAKEOVER")]
+    pub takeover: bool,
+    #[command(flatten)]
+    pub auth: super::auth::AuthArgs,
+    #[command(flatten)]
+    pub limits: super::limits::LimitArgs,
 }
 
 /// Redis discovery flags of `duplex serve`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DiscoveryArgs {
     /// Discover workers in this Redis (`redis://host:port`); `--worker` addresses still work.
-    #[arg(long)]
+    /// Prefer `DUPLEX_REDIS_URL` or `--redis-url-file` when the URL holds a password: a flag
+    /// shows in `ps`.
+    #[arg(long, env = "DUPLEX_REDIS_URL", hide_env_values = true)]
     pub redis: Option<String>,
+    /// File holding the Redis URL (first line).
+    #[arg(long, env = "DUPLEX_REDIS_URL_FILE", conflicts_with = "redis")]
+    pub redis_url_file: Option<std::path::PathBuf>,
     /// Registry key prefix (workers write prefix + name).
     #[arg(long, default_value = "worker:")]
     pub registry_prefix: String,
@@ -83,6 +110,41 @@ pub struct DiscoveryArgs {
     /// Redis has keyspace notifications enabled).
     #[arg(long, default_value_t = 1000)]
     pub discovery_interval_ms: u64,
+}
+
+impl OrchestratorArgs {
+    /// The flags as parsed from `args` (e.g. `["--cores", "1"]`), defaults for the rest: how
+    /// tests and embedders build a configuration without listing every field.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: OrchestratorArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("duplex"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.args)
+    }
+}
+
+impl DiscoveryArgs {
+    /// The flags with `--redis-url-file` read into `redis`.
+    pub fn resolved(mut self) -> anyhow::Result<Self> {
+        if let Some(path) = self.redis_url_file.take() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read --redis-url-file {}", path.display()))?;
+            let url = text.lines().next().unwrap_or("").trim().to_string();
+            if url.is_empty() {
+                bail!("--redis-url-file {} is empty", path.display());
+            }
+            self.redis = Some(url);
+        }
+        Ok(self)
+    }
 }
 
 /// Validated orchestrator configuration.
@@ -105,6 +167,16 @@ pub struct Config {
     pub barge_in: BargeIn,
     pub vad: crate::gateway::vad::VadConfig,
     pub discovery: DiscoveryArgs,
+    /// Where the admin endpoints listen (`None`: only the bare `/health` on the public port).
+    pub admin_listen: Option<SocketAddr>,
+    /// How long a drain lets sessions finish.
+    pub drain: Duration,
+    /// Secret sent to workers as gRPC `authorization` metadata.
+    pub worker_token: Option<String>,
+    pub auth: super::auth::AuthArgs,
+    pub limits: super::limits::LimitArgs,
+    /// Skip the exclusive-port check (`--takeover`).
+    pub takeover: bool,
 }
 
 impl Config {
@@ -137,7 +209,49 @@ impl Config {
                 args.vad_threshold_dbfs
             );
         }
+        let admin_listen = match args.admin_listen.as_deref() {
+            Some("none") => None,
+            Some(a) => Some(
+                a.to_socket_addrs()
+                    .with_context(|| format!("invalid --admin-listen address '{a}'"))?
+                    .next()
+                    .with_context(|| format!("--admin-listen '{a}' resolves to no address"))?,
+            ),
+            // Port 0 (tests) picks a free admin port too.
+            None if listen.port() == 0 => Some(SocketAddr::new(listen.ip(), 0)),
+            None => Some(SocketAddr::new(
+                listen.ip(),
+                listen.port().checked_add(1).with_context(|| {
+                    "--listen uses port 65535, so the admin port can't be the next one: give --admin-listen"
+                })?,
+            )),
+        };
+        let worker_token = match &args.worker_token_file {
+            Some(path) => {
+                let secret = super::auth::read_secret(path, "--worker-token-file")?;
+                Some(String::from_utf8(secret).map_err(|_| {
+                    anyhow::anyhow!("--worker-token-file {} is not UTF-8 text", path.display())
+                })?)
+            }
+            None => None,
+        };
+        let limits = args.limits.clone();
+        if limits.max_queued_utterances == 0 || limits.max_queued_text_bytes == 0 {
+            bail!("--max-queued-utterances and --max-queued-text-bytes must be at least 1");
+        }
+        if !(limits.max_messages_per_sec.is_finite() && limits.max_messages_per_sec > 0.0) {
+            bail!("--max-messages-per-sec must be a positive number");
+        }
+        if !(limits.head_timeout_secs.is_finite() && limits.head_timeout_secs > 0.0) {
+            bail!("--head-timeout-secs must be a positive number of seconds");
+        }
         Ok(Self {
+            admin_listen,
+            drain: secs("--drain-secs", args.drain_secs)?.unwrap_or(Duration::ZERO),
+            worker_token,
+            auth: args.auth.clone(),
+            limits,
+            takeover: args.takeover,
             listen,
             workers,
             cores,

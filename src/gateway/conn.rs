@@ -28,13 +28,15 @@ const MAX_IOV: usize = 512;
 const READ_BUF: usize = 4096;
 
 /// Serves one accepted connection to its end.
-pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, _peer: SocketAddr) {
+pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let shared = core.shared.clone();
-    // Read the request head (bounded in size and time so a slow client can't hold a slot).
+    // Read the request head, bounded in size and in time counted from accept (bytes or not),
+    // so a connection that sends nothing can't hold a file descriptor.
     let mut head = Vec::with_capacity(1024);
     let mut buf = vec![0u8; READ_BUF];
-    let parsed = tokio::time::timeout(Duration::from_secs(10), async {
+    let deadline = super::limits::secs(shared.config.limits.head_timeout_secs);
+    let parsed = tokio::time::timeout(deadline, async {
         loop {
             let (res, b) = stream.read(buf).await;
             buf = b;
@@ -57,14 +59,43 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, _p
                 .await;
             return;
         }
-        _ => return,
+        Ok(None) | Ok(Some(Parsed::Partial)) => return,
+        Err(_) => {
+            // The read still in flight holds the socket open until it completes; shutting the
+            // socket down completes it, so the descriptor is freed now, not when the peer
+            // finally sends something.
+            shared.metrics.limited("head_timeout");
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
     };
     if !req.is_upgrade() {
-        let _ = stream.write_all(super::admin::handle(&shared, &req)).await;
+        let _ = stream
+            .write_all(super::admin::handle_public(&shared, &req))
+            .await;
         let _ = stream.shutdown(std::net::Shutdown::Write);
         return;
     }
-    let opts = match session_options(&shared.config, &req) {
+    let refuse = |status: u16, body: &'static str| {
+        handshake::response(status, "text/plain", body.as_bytes())
+    };
+    if shared.is_draining() {
+        let _ = stream
+            .write_all(refuse(503, "server is restarting; try again\n"))
+            .await;
+        return;
+    }
+    let grant = match shared.auth.check(&req) {
+        Ok(g) => g,
+        Err(refusal) => {
+            shared.metrics.auth_failure(refusal.as_str());
+            tracing::info!(%peer, reason = refusal.as_str(), "upgrade refused");
+            let (status, body) = refusal.response();
+            let _ = stream.write_all(refuse(status, body)).await;
+            return;
+        }
+    };
+    let mut opts = match session_options(&shared.config, &req) {
         Ok(o) => o,
         Err(reason) => {
             let _ = stream
@@ -73,26 +104,64 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, _p
             return;
         }
     };
+    if let Some(models) = &grant.models {
+        if !models.contains(&opts.model) {
+            shared
+                .metrics
+                .auth_failure(super::auth::Refusal::Model.as_str());
+            let (status, body) = super::auth::Refusal::Model.response();
+            let _ = stream.write_all(refuse(status, body)).await;
+            return;
+        }
+    }
+    opts.max_session = match (shared.config.max_session, grant.max_session) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let Some(ip_slot) = shared
+        .per_ip
+        .acquire(peer.ip(), shared.config.limits.max_connections_per_ip)
+    else {
+        shared.metrics.limited("connections_per_ip");
+        let _ = stream
+            .write_all(refuse(429, "too many sessions from this address\n"))
+            .await;
+        return;
+    };
     // Reserve a connection slot before answering the upgrade.
     let prev = shared.connections.fetch_add(1, Ordering::AcqRel);
     if prev >= shared.config.max_connections {
         shared.connections.fetch_sub(1, Ordering::AcqRel);
         shared.metrics.rejected_connections.inc();
         let _ = stream
-            .write_all(handshake::response(
-                503,
-                "text/plain",
-                b"server at --max-connections\n",
-            ))
+            .write_all(refuse(503, "server busy; try again\n"))
             .await;
         return;
     }
     let key_str = req.ws_key.clone().unwrap_or_default();
     let (res, _) = stream.write_all(handshake::accept_response(&key_str)).await;
     if res.is_ok() {
+        if let Some(sub) = &grant.subject {
+            tracing::debug!(%peer, subject = ?sub, "authenticated");
+        }
         run_session(&core, &sessions, stream, opts, head.split_off(consumed)).await;
     }
+    drop(ip_slot);
     shared.connections.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Longest model id accepted from a client.
+pub const MAX_MODEL_ID: usize = 128;
+
+/// True for ids made of letters, digits and `-_.:/@+` (what model catalogues use): anything
+/// else (control characters, spaces, quotes) is refused at the door, so it can't reach a log
+/// line or a worker.
+fn valid_model_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_MODEL_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@+".contains(&b))
 }
 
 fn session_options(config: &Config, req: &handshake::Request) -> Result<Options, String> {
@@ -100,16 +169,23 @@ fn session_options(config: &Config, req: &handshake::Request) -> Result<Options,
         None => config.format,
         Some("json") => Format::Json,
         Some("binary") => Format::Binary,
-        Some(other) => return Err(format!("unknown format '{other}' (json or binary)\n")),
+        Some(other) => return Err(format!("unknown format {other:?} (json or binary)\n")),
     };
     let pacing = match req.query.get("pacing").map(String::as_str) {
         None => config.pacing,
         Some("realtime") => Pacing::Realtime,
         Some("asap") => Pacing::Asap,
-        Some(other) => return Err(format!("unknown pacing '{other}' (realtime or asap)\n")),
+        Some(other) => return Err(format!("unknown pacing {other:?} (realtime or asap)\n")),
     };
     let model = match req.query.get("model") {
-        Some(m) if !m.is_empty() => m.clone(),
+        Some(m) if !m.is_empty() => {
+            if !valid_model_id(m) {
+                return Err(format!(
+                    "invalid model id: at most {MAX_MODEL_ID} letters, digits or -_.:/@+\n"
+                ));
+            }
+            m.clone()
+        }
         _ => config.model.clone(),
     };
     let input_rate = match req.query.get("input_rate") {
@@ -118,7 +194,7 @@ fn session_options(config: &Config, req: &handshake::Request) -> Result<Options,
             Ok(n) if vad::INPUT_RATES.contains(&n) => n,
             _ => {
                 return Err(format!(
-                    "unsupported input_rate '{r}' (one of {:?})\n",
+                    "unsupported input_rate {r:?} (one of {:?})\n",
                     vad::INPUT_RATES
                 ))
             }
@@ -129,6 +205,7 @@ fn session_options(config: &Config, req: &handshake::Request) -> Result<Options,
         pacing,
         model,
         input_rate,
+        max_session: config.max_session,
     })
 }
 
@@ -163,7 +240,7 @@ async fn run_session(
     let core_gauge = shared.metrics.core_sessions(core.index);
     core_gauge.inc();
     tracing::info!(parent: &session.span, format = session.opts.format.as_str(),
-        pacing = session.opts.pacing.as_str(), model = %session.opts.model, "session open");
+        pacing = session.opts.pacing.as_str(), model = ?session.opts.model, "session open");
 
     session.send_event(&ServerEvent::SessionStart {
         session_id: session.id.clone(),
@@ -176,7 +253,7 @@ async fn run_session(
     });
     session.output.attach_socket(stream.clone());
     let writer = tokio_uring::spawn(writer(session.clone(), stream.clone()));
-    if shared.config.idle_timeout.is_some() || shared.config.max_session.is_some() {
+    if shared.config.idle_timeout.is_some() || session.opts.max_session.is_some() {
         session.own_task(tokio_uring::spawn(watchdog(session.clone())));
     }
 
@@ -207,6 +284,10 @@ async fn run_session(
         }
         if let Some(reply) = decoder.take_replies() {
             session.send(Bytes::from(reply));
+        }
+        if session.output.is_closing() {
+            // The server closed the session (a limit, a drain): stop reading its input.
+            break;
         }
         let (res, b) = stream.read(buf).await;
         buf = b;
@@ -298,7 +379,7 @@ async fn watchdog(session: Rc<Session>) {
             }
             wait = wait.min(idle - idle_for);
         }
-        if let Some(max) = config.max_session {
+        if let Some(max) = session.opts.max_session {
             let age = session.age(now);
             if age >= max {
                 session.close_with(CloseReason::MaxDuration);

@@ -8,7 +8,7 @@
 //! dependency points one way (session → core).
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,9 @@ use anyhow::Context;
 use bytes::BytesMut;
 use tokio::sync::watch;
 
+use super::auth::Auth;
 use super::config::Config;
+use super::limits::PerIp;
 use super::metrics::Metrics;
 use super::pacer::Pacer;
 use super::upstream::{HealthBook, Upstream};
@@ -34,13 +36,29 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// When the process started (for `/health`'s `uptime_seconds`).
     pub started: Instant,
-    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Client credentials and the Origin policy.
+    pub auth: Auth,
+    /// Sessions per client IP.
+    pub per_ip: Arc<PerIp>,
+    /// The process's phase; cores watch it.
+    phase: watch::Sender<Phase>,
+    draining: AtomicBool,
+}
+
+/// Where the process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Not accepting; sessions finish their utterances until `deadline`, then are cut.
+    Draining {
+        deadline: Instant,
+    },
 }
 
 impl Shared {
-    /// Shared state for a new orchestrator, and the sender that triggers its shutdown.
-    pub fn new(config: Config) -> anyhow::Result<(Arc<Self>, watch::Sender<bool>)> {
-        let (tx, rx) = watch::channel(false);
+    /// Shared state for a new orchestrator.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Self>> {
+        let auth = Auth::new(config.auth.clone())?;
         let discovery = match &config.discovery.redis {
             Some(url) => {
                 let d = &config.discovery;
@@ -64,10 +82,35 @@ impl Shared {
             metrics: Metrics::new(config.cores),
             connections: AtomicUsize::new(0),
             started: Instant::now(),
-            shutdown: rx,
+            auth,
+            per_ip: Arc::new(PerIp::default()),
+            phase: watch::Sender::new(Phase::Running),
+            draining: AtomicBool::new(false),
             config,
         });
-        Ok((shared, tx))
+        Ok(shared)
+    }
+
+    /// Starts the drain (idempotent): readiness turns 503 at once, cores close their
+    /// listeners and let sessions finish for `--drain-secs`.
+    pub fn drain(&self) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.metrics.draining.set(1);
+        let deadline = Instant::now() + self.config.drain;
+        tracing::info!(secs = self.config.drain.as_secs_f64(), "draining");
+        self.phase.send_replace(Phase::Draining { deadline });
+    }
+
+    /// True once [`Self::drain`] ran.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the process's phase.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
     }
 }
 
@@ -84,6 +127,8 @@ pub struct Core {
     /// headers copied into it, so forwarding a frame allocates nothing per frame and every
     /// chunk the writer hands to io_uring is a plain `Bytes` (see [`crate::protocol::audio`]).
     pub json_arena: RefCell<BytesMut>,
+    /// Bytes queued for this core's clients against its share of `--max-queued-output-bytes`.
+    pub output_budget: std::rc::Rc<super::session::output::Budget>,
     /// When this core last handed freed memory back to the OS (see [`Core::trim`]).
     last_trim: Cell<Option<Instant>>,
 }
@@ -100,6 +145,9 @@ impl Core {
             ),
             pacer: Pacer::new(shared.config.coalesce)?,
             json_arena: RefCell::new(BytesMut::new()),
+            output_budget: std::rc::Rc::new(super::session::output::Budget::new(
+                shared.config.limits.max_queued_output_bytes / shared.config.cores.max(1),
+            )),
             last_trim: Cell::new(None),
             shared,
         })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::conn;
-use super::core::{Core, Shared};
+use super::core::{Core, Phase, Shared};
 use super::session::Session;
 use super::upstream;
 use crate::protocol::CloseReason;
@@ -35,8 +35,9 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
     if index == 0 {
         tokio_uring::spawn(probe_loop(core.clone()));
     }
+    tokio_uring::spawn(output_guard(core.clone(), sessions.clone()));
     let listener = tokio_uring::net::TcpListener::from_std(listener);
-    let mut shutdown = shared.shutdown.clone();
+    let mut phase = shared.phase();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -48,17 +49,47 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = phase.changed() => break,
         }
     }
-    let open: Vec<_> = sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
-    for s in &open {
-        s.close_with(CloseReason::Shutdown);
+    // Closing the listener makes the kernel send new connections to the other listeners on
+    // the port: a replacement process started with --takeover.
+    drop(listener);
+    let deadline = match *phase.borrow() {
+        Phase::Draining { deadline } => deadline,
+        Phase::Running => Instant::now(),
+    };
+    drain(&sessions, deadline).await;
+}
+
+/// How often a draining core looks for sessions that have finished speaking.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Closes each session as soon as it has nothing left to say; at `deadline` cuts the rest
+/// (`interrupted` reason `shutdown` + end marker), then waits (bounded) for the writers to
+/// flush `session_end` and the close frames.
+async fn drain(sessions: &Sessions, deadline: Instant) {
+    loop {
+        let open: Vec<_> = sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
+        if open.is_empty() {
+            return;
+        }
+        let cut = Instant::now() >= deadline;
+        for s in &open {
+            if cut {
+                s.cut(CloseReason::Shutdown);
+            } else if !s.busy() {
+                s.close_with(CloseReason::Shutdown);
+            }
+        }
+        if cut {
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
-    // Give writers a moment to flush `session_end` and the close frame.
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while !sessions.borrow().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let flush = Instant::now() + Duration::from_secs(2);
+    while !sessions.borrow().is_empty() && Instant::now() < flush {
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
 
@@ -77,6 +108,29 @@ async fn pacer_loop(core: Rc<Core>, sessions: Rc<Sessions>) {
             if let Some(s) = session {
                 s.on_timer(generation, now);
             }
+        }
+    }
+}
+
+/// Keeps the core's clients within their share of `--max-queued-output-bytes`: when they
+/// hold more, the client with the most unread output is cut off first, until they fit. A
+/// client that reads keeps its queue near zero, so only those that stopped reading go.
+async fn output_guard(core: Rc<Core>, sessions: Rc<Sessions>) {
+    loop {
+        core.output_budget.over.notified().await;
+        while core.output_budget.exceeded() {
+            let slowest = sessions
+                .borrow()
+                .iter()
+                .map(|(_, s)| s.clone())
+                .max_by_key(|s| s.output.queued_bytes());
+            let Some(s) = slowest.filter(|s| s.output.queued_bytes() > 0) else {
+                break;
+            };
+            core.shared.metrics.limited("queued_output");
+            tracing::warn!(parent: &s.span, queued = s.output.queued_bytes(),
+                "the clients of this core hold too much unread audio; cutting off the slowest");
+            s.output.cut_off();
         }
     }
 }

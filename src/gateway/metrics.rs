@@ -104,6 +104,13 @@ pub struct Metrics {
     pub underruns: Counter,
     pub client_errors: Counter,
     pub rejected_connections: Counter,
+    /// Upgrades refused before the session, by reason (`missing`, `invalid`, `expired`,
+    /// `origin`, `model`).
+    pub auth_failures: Family<Vec<(String, String)>, Counter>,
+    /// Messages or connections refused by an abuse limit, by limit.
+    pub rate_limited: Family<Vec<(String, String)>, Counter>,
+    /// 1 while the process drains (SIGTERM or `POST /drain`).
+    pub draining: Gauge,
     pub first_audio_latency: Histogram,
     pub barge_in_latency: Histogram,
     pub frame_lateness: Arc<FrameLateness>,
@@ -135,6 +142,9 @@ impl Metrics {
             underruns: Counter::default(),
             client_errors: Counter::default(),
             rejected_connections: Counter::default(),
+            auth_failures: Family::default(),
+            rate_limited: Family::default(),
+            draining: Gauge::default(),
             first_audio_latency: Histogram::new(latency_buckets()),
             barge_in_latency: Histogram::new(latency_buckets()),
             frame_lateness: Arc::new(FrameLateness::new(cores)),
@@ -182,6 +192,21 @@ impl Metrics {
             m.rejected_connections.clone(),
         );
         registry.register(
+            "auth_failures",
+            "Upgrades refused for their credential or Origin, by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Messages and connections refused by an abuse limit, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while the orchestrator drains before shutdown",
+            m.draining.clone(),
+        );
+        registry.register(
             "first_audio_latency_seconds",
             "Text received to first audio frame written, per utterance",
             m.first_audio_latency.clone(),
@@ -205,6 +230,37 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// `/metrics/summary`: the headline figures as one JSON object (the earlier Python
+    /// system's summary endpoint, which its dashboards poll).
+    pub fn summary(&self, shared: &super::core::Shared) -> serde_json::Value {
+        serde_json::json!({
+            "uptime_seconds": shared.started.elapsed().as_secs_f64(),
+            "sessions_active": self.sessions_active.get(),
+            "sessions_total": self.sessions_total.get(),
+            "synthesis_total": self.synthesis.get(),
+            "synthesis_errors_total": self.synthesis_errors.get(),
+            "frames_sent_total": self.frames_sent.get(),
+            "frame_underruns_total": self.underruns.get(),
+            "client_errors_total": self.client_errors.get(),
+            "rejected_connections_total": self.rejected_connections.get(),
+            "draining": shared.is_draining(),
+        })
+    }
+
+    /// Counts an upgrade refused for `reason`.
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Counts a message or connection refused by `limit`.
+    pub fn limited(&self, limit: &str) {
+        self.rate_limited
+            .get_or_create(&vec![("limit".to_string(), limit.to_string())])
+            .inc();
     }
 
     /// The per-core session gauge of `core`.

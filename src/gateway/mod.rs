@@ -13,9 +13,11 @@
 //! which knows about it. docs/ARCHITECTURE.md follows one frame and one PAUSE through them.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod core;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pacer;
@@ -24,9 +26,9 @@ pub mod upstream;
 pub mod vad;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::watch;
 
 pub use self::core::{Core, Shared};
 use config::Config;
@@ -34,16 +36,30 @@ use config::Config;
 /// A running orchestrator; dropping it does not stop it, call [`Orchestrator::shutdown`].
 pub struct Orchestrator {
     addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    admin: Option<admin::AdminServer>,
 }
 
 impl Orchestrator {
     /// Binds the listeners (errors such as a busy port surface here) and starts the cores.
     pub fn start(config: Config) -> anyhow::Result<Self> {
-        let listeners = bind(config.listen, config.cores)?;
+        limits::raise_fd_limit(config.max_connections);
+        let listeners = bind(config.listen, config.cores, config.takeover)?;
         let addr = listeners[0].local_addr()?;
-        let (shared, tx) = Shared::new(config)?;
+        let admin_listener = match config.admin_listen {
+            Some(a) => Some(
+                std::net::TcpListener::bind(a)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on --admin-listen {a}: {e}"))?,
+            ),
+            None => None,
+        };
+        let shared = Shared::new(config)?;
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin = admin_listener
+            .map(|l| admin::AdminServer::start(l, shared.clone()))
+            .transpose()?;
         let mut threads = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -60,11 +76,19 @@ impl Orchestrator {
                 .context("cannot start core thread")?;
             threads.push(thread);
         }
-        tracing::info!(%addr, cores = threads.len(), "orchestrator listening on {addr}");
+        match admin_addr {
+            Some(admin) => tracing::info!(%addr, %admin, cores = threads.len(),
+                "orchestrator listening on {addr}, admin on {admin}"),
+            None => {
+                tracing::info!(%addr, cores = threads.len(), "orchestrator listening on {addr}")
+            }
+        }
         Ok(Self {
             addr,
-            shutdown: tx,
+            admin_addr,
+            shared,
             threads,
+            admin,
         })
     }
 
@@ -73,27 +97,60 @@ impl Orchestrator {
         self.addr
     }
 
-    /// Ends every session with `session_end` (reason `shutdown`) and stops the cores.
-    pub fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for t in self.threads {
+    /// The admin listener's address, unless `--admin-listen none`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Re-reads the credential files (SIGHUP); open sessions are not touched.
+    pub fn reload(&self) {
+        match self.shared.auth.reload() {
+            Ok(()) => tracing::info!("credentials reloaded"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload failed; the previous credentials stay in force")
+            }
+        }
+    }
+
+    /// Starts the drain (SIGTERM, `POST /drain`): readiness 503, listeners closed, sessions
+    /// finish their utterances for up to `--drain-secs`.
+    pub fn drain(&self) {
+        self.shared.drain();
+    }
+
+    /// Blocks until the cores have ended (after a drain).
+    pub fn wait(mut self) {
+        for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
+        }
+    }
+
+    /// Drains, then stops: every session ends with `session_end` (reason `shutdown`).
+    pub fn shutdown(self) {
+        self.drain();
+        self.wait();
     }
 }
 
-/// One `SO_REUSEPORT` listener per core. A bind without `SO_REUSEPORT` first detects a port
-/// that another program already listens on (with `SO_REUSEPORT` alone, two duplex processes
-/// would silently share a port).
-fn bind(addr: SocketAddr, cores: usize) -> anyhow::Result<Vec<StdListener>> {
+/// One `SO_REUSEPORT` listener per core. Unless `takeover`, a bind without `SO_REUSEPORT`
+/// first detects a port that another program already listens on (with `SO_REUSEPORT` alone,
+/// two duplex processes would silently share a port); `--takeover` skips that check on
+/// purpose, for a rolling restart on one host (the new process shares the port until the old
+/// one drains and closes its listeners).
+fn bind(addr: SocketAddr, cores: usize, takeover: bool) -> anyhow::Result<Vec<StdListener>> {
     use socket2::{Domain, Socket, Type};
     let fail = |e: std::io::Error| anyhow::anyhow!("cannot listen on {addr}: {e}");
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
-    // SO_REUSEADDR (not REUSEPORT): TIME_WAIT leftovers of a previous run are fine, a live
-    // listener is not.
-    probe.set_reuse_address(true).map_err(fail)?;
-    probe.bind(&addr.into()).map_err(fail)?;
-    drop(probe);
+    if !takeover {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+        // SO_REUSEADDR (not REUSEPORT): TIME_WAIT leftovers of a previous run are fine, a
+        // live listener is not.
+        probe.set_reuse_address(true).map_err(fail)?;
+        probe.bind(&addr.into()).map_err(fail)?;
+        drop(probe);
+    }
     let mut out = Vec::with_capacity(cores);
     let mut addr = addr;
     for _ in 0..cores {

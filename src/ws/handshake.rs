@@ -18,6 +18,10 @@ pub struct Request {
     pub ws_key: Option<String>,
     /// `Authorization` header value, if any.
     pub authorization: Option<String>,
+    /// `Origin` header (sent by browsers), if any.
+    pub origin: Option<String>,
+    /// `Host` header, if any.
+    pub host: Option<String>,
 }
 
 impl Request {
@@ -76,6 +80,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
         None
     };
     let authorization = header("authorization").map(str::to_string);
+    let origin = header("origin").map(str::to_string);
+    let host = header("host").map(str::to_string);
     Parsed::Complete(
         Request {
             method,
@@ -83,6 +89,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
             query,
             ws_key,
             authorization,
+            origin,
+            host,
         },
         len,
     )
@@ -108,10 +116,13 @@ pub fn accept_response(key: &str) -> Vec<u8> {
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "Error",
     };

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::config::BargeIn;
 use super::core::Core;
+use super::limits::{RateLimiter, Verdict};
 use super::upstream;
 use super::vad::{Vad, VadEvent};
 use crate::proto;
@@ -44,6 +45,8 @@ pub struct Options {
     pub model: String,
     /// Sample rate of the client's microphone audio (`?input_rate=`, default 16 kHz).
     pub input_rate: u32,
+    /// Longest the session may last (`--max-session-secs`, narrowed by the credential).
+    pub max_session: Option<Duration>,
 }
 
 /// A client session.
@@ -63,6 +66,8 @@ pub struct Session {
     last_activity: Cell<Instant>,
     /// Voice-activity detector over the client's microphone audio (barge-in).
     vad: RefCell<Vad>,
+    /// The session's message-rate limits.
+    limiter: RefCell<RateLimiter>,
 }
 
 impl Session {
@@ -75,16 +80,20 @@ impl Session {
             pacing: opts.pacing,
             lead: config.lead,
             coalesce: core.pacer.coalesce(),
+            max_queued_utterances: config.limits.max_queued_utterances,
+            max_queued_text_bytes: config.limits.max_queued_text_bytes,
         });
+        let limiter = RateLimiter::new(config.limits.max_messages_per_sec, opts.input_rate, now);
         Self {
             key,
             id,
             opts,
             vad: RefCell::new(vad),
+            limiter: RefCell::new(limiter),
             span,
             playback: RefCell::new(playback),
             link: RefCell::new(Link::default()),
-            output: Output::default(),
+            output: Output::new(core.output_budget.clone()),
             drained: tokio::sync::Notify::new(),
             core,
             started: now,
@@ -139,6 +148,25 @@ impl Session {
         self.output.finish();
     }
 
+    /// True while an utterance plays or waits.
+    pub fn busy(&self) -> bool {
+        self.playback.borrow().busy()
+    }
+
+    /// Ends the session now: what plays is cut (`interrupted` + end marker), then
+    /// `session_end` and the close.
+    pub fn cut(&self, reason: CloseReason) {
+        if self.output.is_closing() {
+            return;
+        }
+        let why = match reason {
+            CloseReason::Shutdown => InterruptReason::Shutdown,
+            _ => InterruptReason::Stop,
+        };
+        self.stop_current(why, Instant::now());
+        self.close_with(reason);
+    }
+
     /// Time since the last client message, or zero while audio is in progress.
     pub fn idle_for(&self, now: Instant) -> Duration {
         if self.playback.borrow().busy() {
@@ -163,6 +191,10 @@ impl Session {
     pub fn on_client_text(self: &Rc<Self>, raw: &str) {
         let now = Instant::now();
         self.last_activity.set(now);
+        let verdict = self.limiter.borrow_mut().text(now);
+        if !self.admit(verdict, "message_rate") {
+            return;
+        }
         match protocol::parse(raw) {
             Ok(ClientMessage::Text { text, is_final }) => self.on_text(text, is_final, now),
             Ok(ClientMessage::Control(cmd)) => self.on_control(cmd, now),
@@ -179,6 +211,10 @@ impl Session {
     pub fn on_client_binary(self: &Rc<Self>, pcm: &[u8]) {
         let now = Instant::now();
         self.last_activity.set(now);
+        let verdict = self.limiter.borrow_mut().audio(pcm.len(), now);
+        if !self.admit(verdict, "audio_rate") {
+            return;
+        }
         // The detector's borrow is held while events are handled; handling them never
         // touches the detector.
         self.vad.borrow_mut().feed(pcm, |e| match e {
@@ -188,6 +224,31 @@ impl Session {
             }
             VadEvent::SpeechEnd => self.send_event(&ServerEvent::Vad { speaking: false }),
         });
+    }
+
+    /// Applies the rate limiter's verdict: false when the message must be dropped (the client
+    /// was told with RATE_LIMITED, or the session is being closed for flooding).
+    fn admit(&self, verdict: Verdict, limit: &str) -> bool {
+        if self.output.is_closing() {
+            return false;
+        }
+        match verdict {
+            Verdict::Accept => true,
+            Verdict::Refuse => {
+                self.core.shared.metrics.limited(limit);
+                self.send_error(
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down (this one was not processed)",
+                );
+                false
+            }
+            Verdict::Close => {
+                self.core.shared.metrics.limited(limit);
+                tracing::info!(parent: &self.span, limit, "closing a flooding client");
+                self.close_with(CloseReason::RateLimited);
+                false
+            }
+        }
     }
 
     /// The user started speaking: stop or pause what is playing, per `--barge-in`.
@@ -215,6 +276,13 @@ impl Session {
                 .push_text(generation, &self.id, text, is_final),
             TextRoute::Queued => {}
             TextRoute::Start(pending) => self.start_utterance(pending),
+            TextRoute::Refused => {
+                self.core.shared.metrics.limited("queued_text");
+                self.send_error(
+                    ErrorCode::RateLimited,
+                    "too much text waiting to be spoken; this text was not queued",
+                );
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 //! without copying. A client that stops reading would let the queue grow without bound while
 //! realtime audio keeps coming; past [`MAX_QUEUED_BYTES`] the client is cut off.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
@@ -40,15 +40,67 @@ pub enum Pushed {
     Overflow,
 }
 
+/// Bytes queued for all the clients of one core, against the core's share of
+/// `--max-queued-output-bytes`. Past the limit `over` wakes the listener's guard, which drops
+/// the client with the most unread output first.
+#[derive(Default)]
+pub struct Budget {
+    queued: Cell<usize>,
+    /// 0 = no limit.
+    limit: usize,
+    /// Woken when `queued` passes `limit`.
+    pub over: Notify,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes (0 = no limit).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    /// Bytes queued for the core's clients.
+    pub fn queued(&self) -> usize {
+        self.queued.get()
+    }
+
+    /// True while the core's clients hold more than the limit.
+    pub fn exceeded(&self) -> bool {
+        self.limit > 0 && self.queued.get() > self.limit
+    }
+
+    fn add(&self, n: usize) {
+        self.queued.set(self.queued.get() + n);
+        if self.exceeded() {
+            self.over.notify_one();
+        }
+    }
+
+    fn sub(&self, n: usize) {
+        self.queued.set(self.queued.get().saturating_sub(n));
+    }
+}
+
 /// The queue between a session and its connection's writer.
 #[derive(Default)]
 pub struct Output {
     queue: RefCell<Queue>,
     ready: Notify,
     socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
+    budget: Rc<Budget>,
 }
 
 impl Output {
+    /// An output counted against the core's `budget`.
+    pub fn new(budget: Rc<Budget>) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
     /// Gives the output its socket, so it can cut off a client that stops reading.
     pub fn attach_socket(&self, socket: Rc<tokio_uring::net::TcpStream>) {
         *self.socket.borrow_mut() = Some(socket);
@@ -70,17 +122,16 @@ impl Output {
             if q.dead || q.closing {
                 return Pushed::Ok;
             }
+            let before = q.bytes;
             for c in chunks.into_iter().flatten() {
                 q.bytes += c.len();
                 q.chunks.push_back(c);
             }
+            self.budget.add(q.bytes - before);
             q.bytes > MAX_QUEUED_BYTES
         };
         if overflow {
-            self.dead();
-            if let Some(socket) = self.socket.borrow().as_ref() {
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-            }
+            self.cut_off();
         }
         self.ready.notify_one();
         if overflow {
@@ -111,7 +162,9 @@ impl Output {
         let start = batch.len();
         batch.extend(q.chunks.drain(..n));
         let taken: usize = batch[start..].iter().map(Bytes::len).sum();
-        q.bytes -= taken.min(q.bytes);
+        let taken = taken.min(q.bytes);
+        q.bytes -= taken;
+        self.budget.sub(taken);
         batch.is_empty() && q.closing
     }
 
@@ -125,9 +178,19 @@ impl Output {
         let mut q = self.queue.borrow_mut();
         q.dead = true;
         q.chunks.clear();
+        self.budget.sub(q.bytes);
         q.bytes = 0;
         drop(q);
         self.ready.notify_one();
+    }
+
+    /// Cuts the client off (it is not reading and the core's clients together hold too
+    /// much): drop the queue and shut the socket down.
+    pub fn cut_off(&self) {
+        self.dead();
+        if let Some(socket) = self.socket.borrow().as_ref() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// No more output: the writer closes the socket once the queue is drained.
@@ -170,5 +233,22 @@ mod tests {
         assert_eq!(out.queued_bytes(), 0, "dropped");
         assert_eq!(out.push(block), Pushed::Ok, "dead output swallows");
         assert!(out.take(&mut Vec::new(), 8));
+    }
+
+    #[test]
+    fn the_core_budget_counts_every_session_and_signals_once_over() {
+        let budget = Rc::new(Budget::new(100));
+        let a = Output::new(budget.clone());
+        let b = Output::new(budget.clone());
+        a.push(Bytes::from(vec![0u8; 60]));
+        assert!(!budget.exceeded());
+        b.push(Bytes::from(vec![0u8; 60]));
+        assert!(budget.exceeded());
+        assert_eq!(budget.queued(), 120);
+        let mut batch = Vec::new();
+        a.take(&mut batch, 8);
+        assert_eq!(budget.queued(), 60);
+        b.dead();
+        assert_eq!(budget.queued(), 0);
     }
 }

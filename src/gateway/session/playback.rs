@@ -32,6 +32,23 @@ pub struct PlaybackConfig {
     pub lead: Duration,
     /// A wake-up also sends frames due within this much of now (the pacer's coalescing).
     pub coalesce: Duration,
+    /// Most utterances waiting behind the current one.
+    pub max_queued_utterances: usize,
+    /// Most text bytes waiting behind the current one.
+    pub max_queued_text_bytes: usize,
+}
+
+impl PlaybackConfig {
+    /// Realtime or asap pacing with no lead, no coalescing and generous queue limits.
+    pub fn with_pacing(pacing: Pacing) -> Self {
+        Self {
+            pacing,
+            lead: Duration::ZERO,
+            coalesce: Duration::ZERO,
+            max_queued_utterances: 16,
+            max_queued_text_bytes: 64 << 10,
+        }
+    }
 }
 
 /// Text waiting for the current utterance to finish (utterances of a session play in order).
@@ -95,6 +112,8 @@ pub enum TextRoute {
     Queued,
     /// Nothing plays: start this utterance now (see [`Playback::start`]).
     Start(Pending),
+    /// Queueing it would pass a queue limit: refused, nothing queued.
+    Refused,
 }
 
 /// A cut-short utterance: how many frames of it left (its end marker is `sent + 1`).
@@ -110,6 +129,8 @@ pub struct Playback {
     config: PlaybackConfig,
     paused: bool,
     pending: VecDeque<Pending>,
+    /// Text bytes in `pending`.
+    pending_bytes: usize,
     current: Option<Current>,
     next_generation: u64,
     closed: bool,
@@ -121,6 +142,7 @@ impl Playback {
             config,
             paused: false,
             pending: VecDeque::new(),
+            pending_bytes: 0,
             current: None,
             next_generation: 0,
             closed: false,
@@ -144,13 +166,7 @@ impl Playback {
 
     /// Utterances queued behind the current one, and their text bytes.
     pub fn queued(&self) -> (usize, usize) {
-        let bytes = self
-            .pending
-            .iter()
-            .flat_map(|p| p.chunks.iter())
-            .map(String::len)
-            .sum();
-        (self.pending.len(), bytes)
+        (self.pending.len(), self.pending_bytes)
     }
 
     /// A text chunk from the client.
@@ -160,6 +176,14 @@ impl Playback {
             return TextRoute::Current(u.generation, text);
         }
         if self.busy() {
+            let appends = self.pending.back().is_some_and(|p| !p.closed);
+            let utterances = self.pending.len() + usize::from(!appends);
+            if utterances > self.config.max_queued_utterances
+                || self.pending_bytes + text.len() > self.config.max_queued_text_bytes
+            {
+                return TextRoute::Refused;
+            }
+            self.pending_bytes += text.len();
             match self.pending.back_mut() {
                 Some(p) if !p.closed => {
                     p.chunks.push(text);
@@ -213,7 +237,10 @@ impl Playback {
         if self.current.is_some() {
             return None;
         }
-        self.pending.pop_front()
+        let next = self.pending.pop_front()?;
+        let bytes: usize = next.chunks.iter().map(String::len).sum();
+        self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
+        Some(next)
     }
 
     /// Frames of utterance `generation` waiting to be played.
@@ -300,6 +327,7 @@ impl Playback {
     pub fn stop(&mut self) -> Option<Cut> {
         self.paused = false;
         self.pending.clear();
+        self.pending_bytes = 0;
         self.current.take().map(|u| Cut {
             generation: u.generation,
             sent: u.sent,
@@ -321,6 +349,7 @@ impl Playback {
     pub fn close(&mut self) -> Option<Cut> {
         self.closed = true;
         self.pending.clear();
+        self.pending_bytes = 0;
         self.current.take().map(|u| Cut {
             generation: u.generation,
             sent: u.sent,
@@ -398,9 +427,8 @@ mod tests {
 
     fn realtime() -> Playback {
         Playback::new(PlaybackConfig {
-            pacing: Pacing::Realtime,
-            lead: Duration::ZERO,
             coalesce: Duration::from_micros(500),
+            ..PlaybackConfig::with_pacing(Pacing::Realtime)
         })
     }
 
@@ -562,11 +590,7 @@ mod tests {
     #[test]
     fn asap_forwards_everything_and_failures_end_the_utterance() {
         let t0 = Instant::now();
-        let mut p = Playback::new(PlaybackConfig {
-            pacing: Pacing::Asap,
-            lead: Duration::ZERO,
-            coalesce: Duration::ZERO,
-        });
+        let mut p = Playback::new(PlaybackConfig::with_pacing(Pacing::Asap));
         let g = started(&mut p, t0);
         for i in 0..5 {
             p.on_frame(g, pcm(i), t0).unwrap();
@@ -586,11 +610,7 @@ mod tests {
     #[test]
     fn the_read_ahead_bound_signals_when_it_drains() {
         let t0 = Instant::now();
-        let mut p = Playback::new(PlaybackConfig {
-            pacing: Pacing::Asap,
-            lead: Duration::ZERO,
-            coalesce: Duration::ZERO,
-        });
+        let mut p = Playback::new(PlaybackConfig::with_pacing(Pacing::Asap));
         let g = started(&mut p, t0);
         p.pause();
         for _ in 0..MAX_AHEAD_FRAMES {
@@ -600,6 +620,41 @@ mod tests {
         p.resume(t0);
         let (out, _) = pump(&mut p, t0);
         assert_eq!(out.iter().filter(|e| **e == Emit::Drained).count(), 1);
+    }
+
+    #[test]
+    fn queue_limits_refuse_without_queueing() {
+        let t0 = Instant::now();
+        let mut p = Playback::new(PlaybackConfig {
+            max_queued_utterances: 2,
+            max_queued_text_bytes: 10,
+            ..PlaybackConfig::with_pacing(Pacing::Realtime)
+        });
+        started(&mut p, t0);
+        assert_eq!(p.on_text("aaaa".into(), true, t0), TextRoute::Queued);
+        assert_eq!(p.on_text("bbbb".into(), false, t0), TextRoute::Queued);
+        // A third utterance is one too many; appending to the open one is not.
+        assert_eq!(p.on_text("cc".into(), false, t0), TextRoute::Queued);
+        assert_eq!(p.queued(), (2, 10));
+        assert_eq!(p.on_text("d".into(), true, t0), TextRoute::Refused, "bytes");
+        assert_eq!(p.queued(), (2, 10), "nothing of a refused text is queued");
+        p.stop();
+        assert_eq!(p.queued(), (0, 0));
+        started(&mut p, t0);
+        assert_eq!(p.on_text("x".into(), true, t0), TextRoute::Queued);
+        assert_eq!(p.on_text("y".into(), true, t0), TextRoute::Queued);
+        assert_eq!(
+            p.on_text("z".into(), true, t0),
+            TextRoute::Refused,
+            "utterances"
+        );
+        p.fail(0);
+        p.fail(1);
+        assert_eq!(
+            p.next_pending().map(|n| n.chunks),
+            Some(vec!["x".to_string()])
+        );
+        assert_eq!(p.queued(), (1, 1));
     }
 
     #[test]
