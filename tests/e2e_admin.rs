@@ -1,5 +1,6 @@
-//! End to end: the operator's side of the orchestrator: the HTTP endpoints on the WebSocket
-//! port (docs/PROTOCOL.md 4) and the command line (bad flags, busy ports, `duplex demo`).
+//! End to end: the operator's side of the orchestrator: the admin endpoints on their own
+//! listener and the bare `/health` on the public port (docs/PROTOCOL.md 4), and the command
+//! line (bad flags, busy ports, `duplex demo`).
 
 mod common;
 
@@ -13,7 +14,7 @@ async fn health_liveness_readiness_are_json_200_with_a_worker() {
     for path in ["/health", "/liveness", "/readiness"] {
         // The worker check runs in the background, so right after start the orchestrator may
         // not have seen the worker yet: poll (bounded) until it reports healthy.
-        let r = poll_status(stack.server.addr, path, 200).await;
+        let r = poll_status(stack.server.admin, path, 200).await;
         assert_eq!(r.status, 200, "{path} with a running worker: {r:?}");
         let ct = r.header("content-type").unwrap_or_default();
         assert!(
@@ -64,18 +65,20 @@ async fn health_is_503_when_the_worker_is_down() {
     let dead = format!("grpc://{}", free_addr());
     let server = Server::serve(&dead, &[]).await;
     // The worker check may run in the background; give it a bounded moment to notice.
-    let r = poll_status(server.addr, "/health", 503).await;
+    let r = poll_status(server.admin, "/health", 503).await;
     assert_eq!(r.status, 503, "/health without a worker: {r:?}");
     assert!(r.json().is_object(), "503 body is JSON too: {}", r.body);
+    let public = http_get(server.addr, "/health").await;
+    assert_eq!(public.status, 503, "the public /health agrees: {public:?}");
     // Liveness is about the process itself, which is fine.
-    let live = http_get(server.addr, "/liveness").await;
+    let live = http_get(server.admin, "/liveness").await;
     assert_eq!(live.status, 200, "/liveness: {live:?}");
 }
 
 #[tokio::test]
 async fn metrics_count_sessions_and_frames() {
     let stack = Stack::default().await;
-    let addr = stack.server.addr;
+    let addr = stack.server.admin;
 
     let before = http_get(addr, "/metrics").await;
     assert_eq!(before.status, 200, "{before:?}");
@@ -227,7 +230,7 @@ async fn serve_restarts_on_the_same_port_right_after_a_shutdown() {
     // Connections the server closes first (RFC 6455: the server closes TCP first; HTTP with
     // `Connection: close`) leave TIME_WAIT sockets on the server's port for a minute after it
     // exits; a restart must still be able to listen there.
-    http_get_to_eof(addr, "/liveness").await;
+    http_get_to_eof(addr, "/").await;
     first.proc.signal(libc::SIGTERM);
     let _ = c.recv_until(WAIT, |v| v["type"] == "session_end").await;
     loop {
@@ -266,7 +269,7 @@ async fn demo_alone_serves_an_utterance_end_to_end() {
     let u = c.collect_utterance(WAIT).await;
     u.assert_complete(MOCK_FRAMES);
     assert!(u.frames.iter().all(|f| is_audible(&f.pcm)));
-    let r = poll_status(demo.addr, "/health", 200).await;
+    let r = poll_status(demo.admin, "/health", 200).await;
     assert_eq!(r.status, 200, "demo's embedded worker is healthy: {r:?}");
 }
 

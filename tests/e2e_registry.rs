@@ -41,10 +41,13 @@ async fn registered_worker_on(redis: &RedisServer, name: &str, addr: SocketAddr)
 
 async fn discovering_server(redis: &RedisServer, extra: &[&str]) -> Server {
     let addr = free_addr();
+    let admin = free_addr();
     let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
         addr.to_string(),
+        "--admin-listen".into(),
+        admin.to_string(),
         "--redis".into(),
         redis.url(),
         "--registry-ttl".into(),
@@ -55,12 +58,12 @@ async fn discovering_server(redis: &RedisServer, extra: &[&str]) -> Server {
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut proc = Proc::spawn("serve", &args);
     proc.wait_accepting(addr, WAIT).await;
-    Server { proc, addr }
+    Server { proc, addr, admin }
 }
 
 /// `/health` as JSON.
 async fn health(server: &Server) -> Value {
-    let r = http_get(server.addr, "/health").await;
+    let r = http_get(server.admin, "/health").await;
     serde_json::from_str(&r.body).unwrap_or(Value::Null)
 }
 

@@ -165,6 +165,8 @@ pub struct Stack {
     pub worker: Proc,
     /// The orchestrator's WebSocket URL.
     pub url: WsUrl,
+    /// `host:port` of the orchestrator's `/metrics`.
+    pub metrics: String,
     /// The options it was started with.
     pub opts: StackOpts,
 }
@@ -173,12 +175,13 @@ impl Stack {
     /// Starts a worker, then an orchestrator pointing at it, on free ports.
     pub fn start(opts: &StackOpts) -> Result<Stack> {
         let worker = spawn_worker(opts)?;
-        let serve = spawn_serve(opts, worker.addr)?;
+        let (serve, metrics) = spawn_serve_with_metrics(opts, worker.addr)?;
         let url = WsUrl::parse(&format!("ws://{}/", serve.addr))?;
         Ok(Stack {
             serve,
             worker,
             url,
+            metrics,
             opts: opts.clone(),
         })
     }
@@ -217,6 +220,12 @@ fn spawn_worker(opts: &StackOpts) -> Result<Proc> {
 }
 
 fn spawn_serve(opts: &StackOpts, worker: SocketAddr) -> Result<Proc> {
+    spawn_serve_with_metrics(opts, worker).map(|(p, _)| p)
+}
+
+/// Starts `serve`; returns it and where it serves `/metrics` (a free admin port when the
+/// binary has `--admin-listen`, else its WebSocket port, as builds before it did).
+fn spawn_serve_with_metrics(opts: &StackOpts, worker: SocketAddr) -> Result<(Proc, String)> {
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut args: Vec<String> = [
@@ -229,9 +238,16 @@ fn spawn_serve(opts: &StackOpts, worker: SocketAddr) -> Result<Proc> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut metrics = addr.to_string();
+    if help_mentions(&opts.bin, "serve", "--admin-listen") {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        args.push("--admin-listen".into());
+        args.push(admin.to_string());
+        metrics = admin.to_string();
+    }
     args.extend(opts.serve_args.iter().cloned());
     let log = opts.log_dir.join(format!("serve-{port}.log"));
-    Proc::spawn("serve", &opts.bin, &args, addr, log)
+    Ok((Proc::spawn("serve", &opts.bin, &args, addr, log)?, metrics))
 }
 
 /// Whether `bin sub --help` lists `flag` (so we pass it only to binaries that have it).

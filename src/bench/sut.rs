@@ -61,6 +61,16 @@ impl Sut {
         }
     }
 
+    /// Where the orchestrator serves `/metrics`: its admin listener when we started it with
+    /// one, else the WebSocket port (older builds and external targets).
+    pub fn metrics_authority(&self) -> Option<String> {
+        match self {
+            Sut::Spawned { stack: Some(s), .. } => Some(s.metrics.clone()),
+            Sut::Spawned { stack: None, .. } => None,
+            Sut::External { url, .. } => Some(url.authority()),
+        }
+    }
+
     /// The orchestrator's pid, if known.
     pub fn pid(&self) -> Option<u32> {
         match self {

@@ -244,6 +244,8 @@ impl Worker {
 pub struct Server {
     pub proc: Proc,
     pub addr: SocketAddr,
+    /// Its admin listener (`/health`, `/metrics`, ...), on a free port of its own.
+    pub admin: SocketAddr,
 }
 
 impl Server {
@@ -254,27 +256,37 @@ impl Server {
 
     /// Starts `duplex serve` on `addr` (e.g. to restart one on the same port).
     pub async fn serve_on(addr: SocketAddr, worker_url: &str, extra: &[&str]) -> Server {
+        let admin = free_addr();
         let mut args = strings(&[
             "serve",
             "--listen",
             &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
             "--worker",
             worker_url,
         ]);
         args.extend(strings(extra));
         let mut proc = Proc::spawn("serve", &args);
         proc.wait_accepting(addr, WAIT).await;
-        Server { proc, addr }
+        Server { proc, addr, admin }
     }
 
     /// Starts `duplex demo` (orchestrator + worker in one process) on a free port.
     pub async fn demo(extra: &[&str]) -> Server {
         let addr = free_addr();
-        let mut args = strings(&["demo", "--listen", &addr.to_string()]);
+        let admin = free_addr();
+        let mut args = strings(&[
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ]);
         args.extend(strings(extra));
         let mut proc = Proc::spawn("demo", &args);
         proc.wait_accepting(addr, WAIT).await;
-        Server { proc, addr }
+        Server { proc, addr, admin }
     }
 
     /// `ws://ADDR/?QUERY` (or `ws://ADDR/` for an empty query).

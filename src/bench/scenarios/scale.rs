@@ -204,17 +204,17 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;
     let (o0, w0, g0) = (ctx.sut.sample(), ctx.sut.sample_worker(), SelfCpu::start());
     let ticks0 = CpuTicks::now();
-    let m0 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
-        .await
-        .ok();
+    let metrics = ctx
+        .sut
+        .metrics_authority()
+        .unwrap_or_else(|| url.authority());
+    let m0 = server_metrics::scrape(&metrics, SCRAPE_TIMEOUT).await.ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.1)).await;
     let (o1, w1) = (ctx.sut.sample(), ctx.sut.sample_worker());
     s.steal = CpuTicks::now()
         .zip(ticks0)
         .and_then(|(b, a)| b.steal_percent_since(&a));
-    let m1 = server_metrics::scrape(&url.authority(), SCRAPE_TIMEOUT)
-        .await
-        .ok();
+    let m1 = server_metrics::scrape(&metrics, SCRAPE_TIMEOUT).await.ok();
     s.server = m0.zip(m1);
     s.gen_cpu = g0.percent();
     s.window_s = win.1.saturating_duration_since(win.0).as_secs_f64();
