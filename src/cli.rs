@@ -10,7 +10,13 @@ use crate::gateway::config::{Config, OrchestratorArgs};
 #[command(name = "duplex", version, about)]
 pub struct Cli {
     /// Log format: human-readable text, or one JSON object per line for production.
-    #[arg(long, value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "DUPLEX_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -64,10 +70,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080", env = "DUPLEX_LISTEN")]
     pub listen: String,
     /// Delay before the mock voice's first frame, in milliseconds.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "DUPLEX_MOCK_FIRST_FRAME_MS")]
     pub mock_first_frame_ms: u64,
     /// Interval between the mock voice's frames, in milliseconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, env = "DUPLEX_MOCK_FRAME_INTERVAL_MS")]
     pub mock_frame_interval_ms: u64,
     #[command(flatten)]
     pub orchestrator: OrchestratorArgs,

@@ -108,6 +108,7 @@ fn health(shared: &Shared) -> (bool, serde_json::Value) {
         .map(|a| json!({"addr": a, "reachable": shared.book.reachable(a)}))
         .collect();
     let reachable = addrs.iter().filter(|a| shared.book.reachable(a)).count();
+    let refusing = addrs.iter().filter(|a| shared.book.refusing(a)).count();
     let healthy = reachable > 0;
     let redis = match &snapshot {
         None => json!({"status": "not_configured", "ok": true}),
@@ -115,7 +116,8 @@ fn health(shared: &Shared) -> (bool, serde_json::Value) {
         Some(s) => json!({"status": "down", "ok": false, "error": s.error}),
     };
     let redis_down = snapshot.as_ref().is_some_and(|s| !s.redis_ok);
-    let status = match (healthy, redis_down) {
+    // Degraded: still serving, but Redis is down or a worker refuses sessions (at capacity).
+    let status = match (healthy, redis_down || refusing > 0) {
         (false, _) => "unhealthy",
         (true, true) => "degraded",
         (true, false) => "healthy",
@@ -129,6 +131,7 @@ fn health(shared: &Shared) -> (bool, serde_json::Value) {
                 "ok": healthy,
                 "status": if healthy { "ok" } else { "down" },
                 "reachable": reachable,
+                "refusing_sessions": refusing,
                 "workers": workers,
             },
             "redis": redis.clone(),

@@ -24,46 +24,46 @@ pub enum BargeIn {
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorArgs {
     /// Cores (pinned threads, each with its own io_uring loop and listener). Default: all.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_CORES")]
     pub cores: Option<usize>,
     /// Default pacing for sessions that don't ask (`?pacing=`).
-    #[arg(long, value_enum, default_value = "realtime")]
+    #[arg(long, value_enum, default_value = "realtime", env = "DUPLEX_PACING")]
     pub pacing: Pacing,
     /// Let realtime frames leave up to this many milliseconds early (client-side buffer).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "DUPLEX_LEAD_MS")]
     pub lead_ms: u64,
     /// Most concurrent WebSocket sessions per process; beyond it upgrades get HTTP 503.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "DUPLEX_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Largest inbound WebSocket message; larger ones close the socket with 1009.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, env = "DUPLEX_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: usize,
     /// Close a session after this many seconds without client messages or audio (0 = never).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 300.0, env = "DUPLEX_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: f64,
     /// Close any session after this many seconds (0 = never).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "DUPLEX_MAX_SESSION_SECS")]
     pub max_session_secs: f64,
     /// Model for sessions that don't ask for one (`?model=`).
-    #[arg(long, default_value = "mock-440hz")]
+    #[arg(long, default_value = "mock-440hz", env = "DUPLEX_MODEL")]
     pub model: String,
     /// Pacer coalescing window in microseconds: one wake-up also sends frames due this soon,
     /// trading that much early delivery for fewer wake-ups at many sessions (0 = exact).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, env = "DUPLEX_COALESCE_US")]
     pub coalesce_us: u64,
     /// Run the core threads under SCHED_FIFO with this priority (1-99) so a busy host can't
     /// delay frame wake-ups by a scheduler time slice. Needs CAP_SYS_NICE; off by default
     /// because FIFO threads at full load starve everything else on their cores (a worker in
     /// the same process or host included).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=99))]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=99), env = "DUPLEX_REALTIME_PRIORITY")]
     pub realtime_priority: Option<i32>,
     /// What speech detected in the client's microphone audio (binary messages) does to the
     /// audio playing.
-    #[arg(long, value_enum, default_value = "stop")]
+    #[arg(long, value_enum, default_value = "stop", env = "DUPLEX_BARGE_IN")]
     pub barge_in: BargeIn,
     /// Voice-activity threshold: 20 ms windows louder than this RMS level (dB full scale)
     /// count as speech.
-    #[arg(long, default_value_t = -35.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = -35.0, allow_negative_numbers = true, env = "DUPLEX_VAD_THRESHOLD_DBFS")]
     pub vad_threshold_dbfs: f64,
     /// Address of the admin HTTP listener (`/health`, `/readiness`, `/liveness`, `/metrics`,
     /// `/metrics/summary`, `POST /drain`). Default: the WebSocket port + 1 on the same host,
@@ -78,6 +78,19 @@ pub struct OrchestratorArgs {
     /// (workers started with the same `--worker-token-file` refuse calls without it).
     #[arg(long, env = "DUPLEX_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<std::path::PathBuf>,
+    /// A synthesis whose first frame takes longer than this fails (SYNTHESIS_FAILED + end
+    /// marker) and the worker is marked unhealthy. Real TTS models answer within a second or
+    /// two on a loaded GPU; 10 s is far past any healthy one.
+    #[arg(long, default_value_t = 10.0, env = "DUPLEX_FIRST_FRAME_TIMEOUT_SECS")]
+    pub first_frame_timeout_secs: f64,
+    /// A synthesis whose next frame takes longer than this (while the client is not paused)
+    /// fails the same way: a stalled worker is noticed as fast as a dead one.
+    #[arg(long, default_value_t = 3.0, env = "DUPLEX_STALL_TIMEOUT_SECS")]
+    pub stall_timeout_secs: f64,
+    /// End the worker session of a client session idle for this long (the next utterance
+    /// opens a new one), so idle clients don't hold worker capacity (0 = never).
+    #[arg(long, default_value_t = 30.0, env = "DUPLEX_WORKER_IDLE_SECS")]
+    pub worker_idle_secs: f64,
     /// Share the listening port with a duplex already on it (rolling restart on one host:
     /// start the new process with `--takeover`, then SIGTERM the old one, which closes its
     /// listeners at once and drains).
@@ -101,14 +114,14 @@ pub struct DiscoveryArgs {
     #[arg(long, env = "DUPLEX_REDIS_URL_FILE", conflicts_with = "redis")]
     pub redis_url_file: Option<std::path::PathBuf>,
     /// Registry key prefix (workers write prefix + name).
-    #[arg(long, default_value = "worker:")]
+    #[arg(long, default_value = "worker:", env = "DUPLEX_REGISTRY_PREFIX")]
     pub registry_prefix: String,
     /// Registry TTL the workers use, in seconds: older records count as dead.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "DUPLEX_REGISTRY_TTL")]
     pub registry_ttl: u64,
     /// How often to re-read the registry, in milliseconds (changes also arrive at once when
     /// Redis has keyspace notifications enabled).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, env = "DUPLEX_DISCOVERY_INTERVAL_MS")]
     pub discovery_interval_ms: u64,
 }
 
@@ -177,6 +190,12 @@ pub struct Config {
     pub limits: super::limits::LimitArgs,
     /// Skip the exclusive-port check (`--takeover`).
     pub takeover: bool,
+    /// Deadline of a synthesis's first frame.
+    pub first_frame_timeout: Duration,
+    /// Deadline of each next frame.
+    pub stall_timeout: Duration,
+    /// Idle time after which a session's worker session is released.
+    pub worker_idle: Option<Duration>,
 }
 
 impl Config {
@@ -252,6 +271,11 @@ impl Config {
             auth: args.auth.clone(),
             limits,
             takeover: args.takeover,
+            first_frame_timeout: secs("--first-frame-timeout-secs", args.first_frame_timeout_secs)?
+                .context("--first-frame-timeout-secs must be positive")?,
+            stall_timeout: secs("--stall-timeout-secs", args.stall_timeout_secs)?
+                .context("--stall-timeout-secs must be positive")?,
+            worker_idle: secs("--worker-idle-secs", args.worker_idle_secs)?,
             listen,
             workers,
             cores,

@@ -253,7 +253,10 @@ async fn run_session(
     });
     session.output.attach_socket(stream.clone());
     let writer = tokio_uring::spawn(writer(session.clone(), stream.clone()));
-    if shared.config.idle_timeout.is_some() || session.opts.max_session.is_some() {
+    if shared.config.idle_timeout.is_some()
+        || shared.config.worker_idle.is_some()
+        || session.opts.max_session.is_some()
+    {
         session.own_task(tokio_uring::spawn(watchdog(session.clone())));
     }
 
@@ -365,19 +368,31 @@ async fn write_all(stream: &TcpStream, batch: &mut Vec<Bytes>) -> std::io::Resul
     Ok(())
 }
 
-/// Ends sessions that are idle or too old.
+/// Ends sessions that are idle or too old, and releases the worker session of one that has
+/// been idle `--worker-idle-secs`.
 async fn watchdog(session: Rc<Session>) {
     let config = session.config().clone();
     loop {
         let now = Instant::now();
         let mut wait = Duration::from_secs(3600);
+        let idle_for = session.idle_for(now);
         if let Some(idle) = config.idle_timeout {
-            let idle_for = session.idle_for(now);
             if idle_for >= idle {
                 session.close_with(CloseReason::IdleTimeout);
                 return;
             }
             wait = wait.min(idle - idle_for);
+        }
+        if let Some(release) = config.worker_idle {
+            if idle_for >= release {
+                if session.holds_worker() {
+                    session.release_idle_worker();
+                }
+                // Look again one period after the next utterance may have opened one.
+                wait = wait.min(release);
+            } else {
+                wait = wait.min(release - idle_for);
+            }
         }
         if let Some(max) = session.opts.max_session {
             let age = session.age(now);

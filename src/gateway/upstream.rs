@@ -18,6 +18,9 @@ use crate::grpc::{ClientOptions, RequestSink, ResponseStream, Status};
 use crate::proto;
 use crate::registry::{choose, Candidate, Discovery, WorkerRecord};
 
+/// Connect attempts per [`Upstream::client`] call before the worker counts as failed.
+const CONNECT_ATTEMPTS: u32 = 3;
+
 /// How long a worker that just failed is skipped when choosing one for a new utterance.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 /// Deadline of the small unary calls (session setup, control); a worker slower than this is
@@ -28,6 +31,8 @@ pub const UNARY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct WorkerHealth {
     pub addr: String,
     pub reachable: AtomicBool,
+    /// The worker refused a session since its last good probe (at capacity).
+    pub refusing: AtomicBool,
 }
 
 /// Reachability of every worker this process has heard of, by `host:port`. Touched when a
@@ -46,9 +51,17 @@ impl HealthBook {
                 Arc::new(WorkerHealth {
                     addr: addr.to_string(),
                     reachable: AtomicBool::new(false),
+                    refusing: AtomicBool::new(false),
                 })
             })
             .clone()
+    }
+
+    /// Whether `addr` refused a session since its last good probe.
+    pub fn refusing(&self, addr: &str) -> bool {
+        let map = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(addr)
+            .is_some_and(|h| h.refusing.load(Ordering::Relaxed))
     }
 
     /// Whether `addr` answered its last probe.
@@ -73,6 +86,9 @@ struct Target {
     record: RefCell<Option<Rc<WorkerRecord>>>,
     /// Sessions of this core using the worker (part of its load).
     in_flight: Cell<u32>,
+    /// Held while one task connects, so a burst of sessions makes one connection, not one
+    /// each (the others wait here, then use it).
+    connecting: Rc<tokio::sync::Mutex<()>>,
 }
 
 /// The core's worker connections.
@@ -118,6 +134,7 @@ impl Upstream {
             is_static,
             record: RefCell::new(None),
             in_flight: Cell::new(0),
+            connecting: Rc::new(tokio::sync::Mutex::new(())),
         });
         targets.len() - 1
     }
@@ -232,31 +249,57 @@ impl Upstream {
     }
 
     /// The live connection to worker `i`, connecting if there is none.
+    ///
+    /// Single-flight: one connect at a time per (core, worker); sessions arriving meanwhile
+    /// wait for it and share the result. A failed connect is retried (jittered backoff)
+    /// within [`CONNECT_ATTEMPTS`] before the worker counts as failed, so a burst on a busy
+    /// machine is not turned into a wall of WORKER_UNAVAILABLE by one slow handshake.
     pub async fn client(&self, i: usize) -> Result<TtsClient, Status> {
-        let addr = {
+        if let Some(c) = self.live_client(i)? {
+            return Ok(c);
+        }
+        let lock = {
             let targets = self.targets.borrow();
             let target = targets
                 .get(i)
                 .ok_or_else(|| Status::unavailable("no such worker"))?;
-            if let Some(c) = target.client.borrow().as_ref() {
-                if !c.is_closed() {
-                    return Ok(c.clone());
-                }
-            }
-            target.addr.clone()
+            target.connecting.clone()
         };
-        match TtsClient::connect(&addr, &self.options).await {
-            Ok(c) => {
-                if let Some(t) = self.targets.borrow().get(i) {
-                    *t.client.borrow_mut() = Some(c.clone());
-                }
-                Ok(c)
+        let _guard = lock.lock().await;
+        // Whoever held the lock may have connected meanwhile.
+        if let Some(c) = self.live_client(i)? {
+            return Ok(c);
+        }
+        let addr = self.addr(i);
+        let mut last = Status::unavailable("not connected");
+        for attempt in 0..CONNECT_ATTEMPTS {
+            if attempt > 0 {
+                let base = 25u64 << attempt;
+                let jitter = rand::random::<u64>() % base;
+                tokio::time::sleep(Duration::from_millis(base + jitter)).await;
             }
-            Err(e) => {
-                self.mark_failed(i);
-                Err(e)
+            match TtsClient::connect(&addr, &self.options).await {
+                Ok(c) => {
+                    if let Some(t) = self.targets.borrow().get(i) {
+                        *t.client.borrow_mut() = Some(c.clone());
+                    }
+                    return Ok(c);
+                }
+                Err(e) => last = e,
             }
         }
+        self.mark_failed(i);
+        Err(last)
+    }
+
+    /// The open connection to worker `i`, if it has one.
+    fn live_client(&self, i: usize) -> Result<Option<TtsClient>, Status> {
+        let targets = self.targets.borrow();
+        let target = targets
+            .get(i)
+            .ok_or_else(|| Status::unavailable("no such worker"))?;
+        let client = target.client.borrow();
+        Ok(client.as_ref().filter(|c| !c.is_closed()).cloned())
     }
 
     /// Records that worker `i` failed: new sessions avoid it for a while and its connection
@@ -271,6 +314,22 @@ impl Upstream {
         }
     }
 
+    /// Records that worker `i` refused a session (at capacity): new sessions avoid it for a
+    /// while and `/health` says degraded.
+    pub fn mark_refusing(&self, i: usize) {
+        if let Some(t) = self.targets.borrow().get(i) {
+            t.failed_at.set(Some(Instant::now()));
+            t.health.refusing.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that worker `i` opened a session (it has capacity again).
+    pub fn mark_accepting(&self, i: usize) {
+        if let Some(t) = self.targets.borrow().get(i) {
+            t.health.refusing.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Records a successful probe of worker `i`.
     pub fn mark_ok(&self, i: usize) {
         if let Some(t) = self.targets.borrow().get(i) {
@@ -280,25 +339,41 @@ impl Upstream {
     }
 }
 
+/// Why StartSession did not open a session.
+#[derive(Debug)]
+pub enum StartError {
+    /// The worker does not offer the model (`success:false`, "unknown model ...").
+    UnknownModel,
+    /// The worker refused (at capacity, draining): try another later.
+    Refused(String),
+    /// The call failed (connection, deadline).
+    Failed(Status),
+}
+
 /// Registers the session on the worker (required before Synthesize).
 pub async fn start_session(
     client: &TtsClient,
     session_id: &str,
     model: &str,
-) -> Result<(), Status> {
+) -> Result<(), StartError> {
     let req = proto::StartSessionRequest {
         session_id: session_id.to_string(),
         model_id: model.to_string(),
         options: Default::default(),
     };
-    let resp = client.start_session(&req, Some(UNARY_TIMEOUT)).await?;
+    let resp = client
+        .start_session(&req, Some(UNARY_TIMEOUT))
+        .await
+        .map_err(|e| match e.code {
+            crate::grpc::Code::NotFound => StartError::UnknownModel,
+            _ => StartError::Failed(e),
+        })?;
     if resp.success {
         Ok(())
+    } else if resp.message.to_ascii_lowercase().contains("unknown model") {
+        Err(StartError::UnknownModel)
     } else {
-        Err(Status::unavailable(format!(
-            "worker refused the session: {}",
-            resp.message
-        )))
+        Err(StartError::Refused(resp.message))
     }
 }
 

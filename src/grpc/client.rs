@@ -39,8 +39,15 @@ use super::timeout;
 /// Per-stream receive window: about 5 s of 48 kHz audio frames per call before the worker
 /// has to wait for us, so flow control never throttles a healthy stream.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
-/// Connection receive window: room for several streams bursting at once.
-pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection receive window: the largest HTTP/2 allows, so the connection never limits a
+/// stream before its own window does.
+///
+/// *Changed after measuring:* it was 4 MiB. Sessions stop reading a stream once 500 frames
+/// (~1 MiB) wait for playback, and unread bytes hold the *connection's* window too, so four
+/// fast long utterances on one core's connection filled it and every new session's first
+/// frame waited behind them (23–58 ms with 6–20 such sessions, 0.5 ms with 3). Flow control
+/// per stream alone bounds memory: at most one stream window per session.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Connection settings of a [`Client`].
 #[derive(Debug, Clone)]
@@ -131,6 +138,12 @@ impl Client {
                 // Every barge-in resets a stream; remember enough of them to ignore the
                 // frames still in flight for each (h2's default is 50).
                 .max_concurrent_reset_streams(1024)
+                // h2 closes the connection after 1,024 streams it reset itself (a guard for
+                // servers facing hostile clients). Dropping an unfinished call is how a STOP
+                // cancels synthesis, so one client's STOP flood would tear down the
+                // connection every session on the core shares; the peer is our worker, and
+                // a client's STOPs are bounded by its message rate limit instead.
+                .max_local_error_reset_streams(None)
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))

@@ -1,11 +1,10 @@
 //! A session's binding to its TTS worker: which worker, whether the worker session is open,
-//! the current utterance's gRPC stream, and the ordered control channel.
+//! and the current utterance's gRPC stream.
 //!
-//! The async half (`synthesize`, `tell_worker`, `release`) drives the gRPC calls; the state
+//! The async half (`Session::synthesize`) drives the gRPC calls; the state
 //! here is what they share with the session's event handlers, kept in its own `RefCell` so no
 //! borrow of it is ever held across an await or a call into playback.
 
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
 use crate::grpc::RequestSink;
@@ -31,8 +30,6 @@ pub struct Link {
     pub worker: Option<usize>,
     /// StartSession succeeded on `worker`.
     pub opened: bool,
-    /// Playback commands for the worker, delivered in order by one task.
-    pub control: Option<UnboundedSender<proto::ControlCommand>>,
     stream: Option<Stream>,
     /// Tasks to abort when the session ends.
     pub tasks: Vec<JoinHandle<()>>,
@@ -102,7 +99,6 @@ impl Link {
     /// returns the worker to release.
     pub fn forget(&mut self) -> Option<usize> {
         self.opened = false;
-        self.control = None;
         self.worker.take()
     }
 }

@@ -28,7 +28,6 @@ use super::core::Core;
 use super::limits::{RateLimiter, Verdict};
 use super::upstream;
 use super::vad::{Vad, VadEvent};
-use crate::proto;
 use crate::protocol::event::InterruptReason;
 use crate::protocol::{
     self, ClientMessage, CloseReason, Command, ErrorCode, Format, Pacing, ServerEvent,
@@ -288,26 +287,23 @@ impl Session {
 
     fn on_control(self: &Rc<Self>, cmd: Command, read_at: Instant) {
         match cmd {
+            // PAUSE and RESUME stay in the gateway: the worker is not told (see
+            // docs/ARCHITECTURE.md, "Control stays local"). While paused, the synthesis
+            // task keeps reading until MAX_AHEAD_FRAMES wait, then HTTP/2 flow control holds
+            // the worker back on this stream alone.
             Command::Pause => {
-                let active = self.playback.borrow_mut().pause();
+                self.playback.borrow_mut().pause();
                 self.core
                     .shared
                     .metrics
                     .barge_in_latency
                     .observe(read_at.elapsed().as_secs_f64());
-                if active {
-                    self.tell_worker(proto::ControlCommand::Pause);
-                }
             }
             Command::Resume => {
                 let now = Instant::now();
-                let resumed = self.playback.borrow_mut().resume(now);
-                match resumed {
-                    None => return,
-                    Some(true) => self.tell_worker(proto::ControlCommand::Resume),
-                    Some(false) => {}
+                if self.playback.borrow_mut().resume(now).is_some() {
+                    self.advance(now);
                 }
-                self.advance(now);
             }
             Command::Stop => self.stop_current(InterruptReason::Stop, read_at),
         }
@@ -460,7 +456,6 @@ impl Session {
             for t in link.tasks.drain(..) {
                 t.abort();
             }
-            link.control = None;
             (link.worker, link.opened)
         };
         if let Some(w) = worker {
@@ -479,35 +474,34 @@ impl Session {
 
     // ----- the worker ---------------------------------------------------------------------
 
-    /// Sends playback commands to the worker in order (one at a time, each awaited), so a
-    /// quick PAUSE/RESUME pair can never arrive swapped.
-    fn tell_worker(self: &Rc<Self>, cmd: proto::ControlCommand) {
-        let mut link = self.link.borrow_mut();
-        let Some(worker) = link.worker.filter(|_| link.opened) else {
+    /// Ends the worker session of a session that has been idle `--worker-idle-secs`: an idle
+    /// client must not hold worker capacity. The next utterance opens a new one.
+    pub fn release_idle_worker(self: &Rc<Self>) {
+        if self.busy() {
+            return;
+        }
+        let released = {
+            let mut link = self.link.borrow_mut();
+            let opened = link.opened;
+            link.forget().filter(|_| opened)
+        };
+        let Some(worker) = released else {
             return;
         };
-        if link.control.is_none() {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let core = self.core.clone();
-            let id = self.id.clone();
-            let span = self.span.clone();
-            let task = tokio_uring::spawn(async move {
-                while let Some(cmd) = rx.recv().await {
-                    let result = match core.upstream.client(worker).await {
-                        Ok(client) => upstream::control(&client, &id, cmd).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(parent: &span, error = %e, "control not delivered");
-                    }
-                }
-            });
-            link.tasks.push(task);
-            link.control = Some(tx);
-        }
-        if let Some(tx) = &link.control {
-            let _ = tx.send(cmd);
-        }
+        self.core.upstream.release(worker);
+        tracing::debug!(parent: &self.span, "idle: worker session released");
+        let core = self.core.clone();
+        let id = self.id.clone();
+        tokio_uring::spawn(async move {
+            if let Ok(client) = core.upstream.client(worker).await {
+                let _ = upstream::end_session(&client, &id).await;
+            }
+        });
+    }
+
+    /// True while the worker session is open.
+    pub fn holds_worker(&self) -> bool {
+        self.link.borrow().opened
     }
 
     /// After a worker failure the next utterance chooses again and re-registers the session.
@@ -548,20 +542,68 @@ impl Session {
         };
         let client = upstream.client(worker).await.map_err(unavailable)?;
         if needs_start {
-            upstream::start_session(&client, &self.id, &self.opts.model)
-                .await
-                .map_err(unavailable)?;
-            self.link.borrow_mut().opened = true;
+            match upstream::start_session(&client, &self.id, &self.opts.model).await {
+                Ok(()) => {
+                    upstream.mark_accepting(worker);
+                    self.link.borrow_mut().opened = true;
+                }
+                Err(upstream::StartError::UnknownModel) => {
+                    self.forget_worker();
+                    return Err((
+                        ErrorCode::WorkerUnavailable,
+                        format!("no TTS worker offers the model {:?}", self.opts.model),
+                    ));
+                }
+                Err(upstream::StartError::Refused(reason)) => {
+                    upstream.mark_refusing(worker);
+                    tracing::warn!(parent: &self.span, worker = %upstream.addr(worker),
+                        %reason, "worker refused the session");
+                    self.forget_worker();
+                    return Err((
+                        ErrorCode::WorkerUnavailable,
+                        "the TTS workers are at capacity; try again".to_string(),
+                    ));
+                }
+                Err(upstream::StartError::Failed(e)) => return Err(unavailable(e)),
+            }
         }
         let (sink, mut stream) = upstream::synthesize(&client).await.map_err(unavailable)?;
         if !self.link.borrow_mut().attach(generation, &self.id, sink) {
             return Ok(());
         }
+        let config = &self.core.shared.config;
+        let mut frames = 0u64;
         loop {
             while self.frames_ahead(generation) >= MAX_AHEAD_FRAMES {
                 self.drained.notified().await;
             }
-            match stream.message().await {
+            // The worker owes the first frame within --first-frame-timeout-secs and each next
+            // one within --stall-timeout-secs (not counted while the client has paused). A
+            // stalled worker (SIGSTOP, a hung model) is noticed as fast as a dead one.
+            let limit = if frames == 0 {
+                config.first_frame_timeout
+            } else {
+                config.stall_timeout
+            };
+            let next = loop {
+                match tokio::time::timeout(limit, stream.message()).await {
+                    Ok(next) => break next,
+                    // `message` is cancel-safe: nothing is lost by waiting again.
+                    Err(_) if self.playback.borrow().is_paused() => continue,
+                    Err(_) => {
+                        tracing::warn!(parent: &self.span, worker = %upstream.addr(worker),
+                            frames, ?limit, "worker stalled");
+                        self.core.shared.metrics.limited("worker_stall");
+                        upstream.mark_failed(worker);
+                        self.forget_worker();
+                        return Err((
+                            ErrorCode::SynthesisFailed,
+                            "the TTS worker stopped producing audio".into(),
+                        ));
+                    }
+                }
+            };
+            match next {
                 Ok(Some(frame)) => {
                     if frame.audio_data.is_empty() && !frame.is_final {
                         return Err((
@@ -570,6 +612,7 @@ impl Session {
                         ));
                     }
                     if !frame.audio_data.is_empty() {
+                        frames += 1;
                         self.deliver_frame(generation, frame.audio_data);
                     }
                     if frame.is_final {
@@ -588,6 +631,12 @@ impl Session {
                     ));
                 }
             }
+        }
+        if frames == 0 {
+            return Err((
+                ErrorCode::SynthesisFailed,
+                "the TTS worker produced no audio for this text".into(),
+            ));
         }
         self.on_worker_done(generation);
         // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:

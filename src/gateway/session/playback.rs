@@ -159,6 +159,11 @@ impl Playback {
         self.current.is_some() && !self.paused
     }
 
+    /// True after PAUSE until RESUME or STOP.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
     /// Frames of the current utterance sent so far (0 when none plays).
     pub fn sent(&self) -> u32 {
         self.current.as_ref().map_or(0, |u| u.sent)
