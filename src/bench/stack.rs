@@ -238,6 +238,11 @@ fn spawn_serve_with_metrics(opts: &StackOpts, worker: SocketAddr) -> Result<(Pro
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if help_mentions(&opts.bin, "serve", "--max-connections-per-ip") {
+        // Every generated session comes from 127.0.0.1.
+        args.push("--max-connections-per-ip".into());
+        args.push("0".into());
+    }
     let mut metrics = addr.to_string();
     if help_mentions(&opts.bin, "serve", "--admin-listen") {
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();

@@ -23,8 +23,9 @@ pub struct LimitArgs {
     /// microphone audio is limited separately to twice real time.
     #[arg(long, default_value_t = 50.0, env = "DUPLEX_MAX_MESSAGES_PER_SEC")]
     pub max_messages_per_sec: f64,
-    /// Sessions one client IP may hold at once (0 = no limit); more get HTTP 429.
-    #[arg(long, default_value_t = 200, env = "DUPLEX_MAX_CONNECTIONS_PER_IP")]
+    /// Sessions one client IP may hold at once (0 = no limit); more get HTTP 429. Behind a
+    /// load balancer every client has the balancer's address: raise it or set 0 there.
+    #[arg(long, default_value_t = 1000, env = "DUPLEX_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: usize,
     /// A connection must complete its HTTP request head within this many seconds of being
     /// accepted, whether it sends bytes or not.
@@ -42,7 +43,7 @@ impl Default for LimitArgs {
             max_queued_utterances: 16,
             max_queued_text_bytes: 64 << 10,
             max_messages_per_sec: 50.0,
-            max_connections_per_ip: 200,
+            max_connections_per_ip: 1000,
             head_timeout_secs: 5.0,
             max_queued_output_bytes: 512 << 20,
         }

@@ -1,0 +1,244 @@
+//! End to end: faults and operations that must not lose calls (docs/ARCHITECTURE.md, "Worker
+//! links", "Deadlines on the worker", "Drain"): a cold burst, a STOP flood, a stalled worker,
+//! idle sessions holding worker capacity, and a drain with a replacement taking over the port.
+//! Real binaries on loopback; bounds are generous (a busy 2-core machine must pass).
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+/// Open sessions on a worker (`queue_depth` of GetCapabilities).
+async fn worker_sessions(worker: &Worker) -> f64 {
+    let c = duplex::grpc::TtsClient::connect(
+        &worker.addr.to_string(),
+        &duplex::grpc::ClientOptions::default(),
+    )
+    .await
+    .expect("connect to the worker");
+    let caps = c
+        .get_capabilities(Some(WAIT))
+        .await
+        .expect("GetCapabilities");
+    caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
+}
+
+#[tokio::test]
+async fn a_cold_burst_of_sessions_all_get_audio() {
+    // A fresh orchestrator: no worker connection exists yet on any core when the burst comes.
+    let stack = Stack::start(
+        &["--max-sessions", "1000"],
+        &["--max-connections-per-ip", "0"],
+    )
+    .await;
+    let n = 300;
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(stack.server.client("pacing=asap").await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                c.say("All at once.").await;
+                c.collect_utterance(Duration::from_secs(60)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let u = t.await.expect("task");
+        assert!(u.others.is_empty(), "errors in the burst: {:?}", u.others);
+        u.assert_complete(MOCK_FRAMES);
+    }
+}
+
+#[tokio::test]
+async fn one_client_s_stop_flood_does_not_break_the_others_on_its_core() {
+    // One core: every session shares the one HTTP/2 connection to the worker. The flood gets
+    // a high message rate so it really produces thousands of stream resets.
+    let stack = Stack::start(&[], &["--cores", "1", "--max-messages-per-sec", "100000"]).await;
+    let mut flood = stack.server.client("pacing=asap").await;
+    let flooding = async {
+        for _ in 0..1500 {
+            flood.say("cut me off").await;
+            flood.control("STOP").await;
+        }
+    };
+    let mut other = stack.server.client("pacing=asap").await;
+    let others = async {
+        let mut done = 0;
+        for _ in 0..5 {
+            other.say("I must still be heard.").await;
+            let u = other.collect_utterance(WAIT).await;
+            assert!(u.others.is_empty(), "errors: {:?}", u.others);
+            u.assert_complete(MOCK_FRAMES);
+            done += 1;
+        }
+        done
+    };
+    let ((), done) = tokio::join!(flooding, others);
+    assert_eq!(done, 5);
+    // And after the flood, a new session works too (the connection survived or was rebuilt
+    // without the others noticing).
+    let mut late = stack.server.client("pacing=asap").await;
+    late.say("After the flood.").await;
+    late.collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+}
+
+#[tokio::test]
+async fn a_stalled_worker_fails_the_utterance_and_the_next_goes_elsewhere() {
+    // Two workers; the session's first utterance picks one, which we then stop (SIGSTOP).
+    let a = Worker::start(&["--mock-frame-interval-ms", "20"]).await;
+    let b = Worker::start(&["--mock-frame-interval-ms", "20"]).await;
+    let server = Server::serve(
+        &a.url(),
+        &["--worker", &b.url(), "--stall-timeout-secs", "1"],
+    )
+    .await;
+    let mut c = server.client("pacing=asap").await;
+    // Send a long utterance and stop whichever worker serves it once frames flow.
+    for i in 0..8 {
+        c.send_json(&serde_json::json!({"type":"text","text":"long","is_final": i == 7}))
+            .await;
+    }
+    c.read_frames(3, WAIT).await;
+    let (busy, idle) = if worker_sessions(&a).await > 0.0 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    busy.proc.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let (err, _) = c.recv_until(WAIT, |v| v["type"] == "error").await;
+    assert_eq!(err["code"], "SYNTHESIS_FAILED", "{err}");
+    // Its end marker follows.
+    loop {
+        match c.next_audio(WAIT).await {
+            Step::End(_) => break,
+            Step::Frame(_) => continue,
+            Step::Other(v) => panic!("unexpected {v}"),
+        }
+    }
+    eprintln!("stall noticed after {:?}", started.elapsed());
+    // The next utterance goes to the other worker and plays in full.
+    c.say("Somewhere else.").await;
+    let u = c.collect_utterance(WAIT).await;
+    assert!(u.others.is_empty(), "{:?}", u.others);
+    u.assert_complete(MOCK_FRAMES);
+    assert!(
+        worker_sessions(idle).await >= 1.0,
+        "served by the other worker"
+    );
+    busy.proc.signal(libc::SIGCONT);
+}
+
+#[tokio::test]
+async fn idle_sessions_release_their_worker_session() {
+    let stack = Stack::start(&[], &["--worker-idle-secs", "1"]).await;
+    let mut c = stack.server.client("pacing=asap").await;
+    c.say("Then silence.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    assert_eq!(worker_sessions(&stack.worker).await, 1.0);
+    let deadline = Instant::now() + WAIT;
+    while worker_sessions(&stack.worker).await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle session still holds the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client notices nothing: the next utterance opens a new worker session.
+    c.say("And again.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+}
+
+#[tokio::test]
+async fn sigterm_drains_finishing_utterances_while_a_replacement_takes_the_port() {
+    let worker = Worker::start(&[]).await;
+    let mut old = Server::serve(&worker.url(), &["--drain-secs", "20"]).await;
+    let addr = old.addr;
+    let mut c = old.client("").await;
+    // A realtime utterance of 4 chunks (100 frames, 2 s) in progress at SIGTERM.
+    for i in 0..4 {
+        c.send_json(&serde_json::json!({"type":"text","text":"drain","is_final": i == 3}))
+            .await;
+    }
+    c.read_frames(5, WAIT).await;
+    old.proc.signal(libc::SIGTERM);
+    // Readiness turns 503 while the session is still playing.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http_get(old.admin, "/readiness").await;
+        if r.status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness never went 503: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A replacement on the same address starts while the old one drains, and takes new
+    // sessions.
+    let new = Server::serve_on(addr, &worker.url(), &["--takeover"]).await;
+    let mut fresh = new.client("pacing=asap").await;
+    fresh.say("New process.").await;
+    fresh
+        .collect_utterance(WAIT)
+        .await
+        .assert_complete(MOCK_FRAMES);
+    // The old session's utterance was not cut: every frame, the end marker, then
+    // session_end "shutdown" and close 1001.
+    let mut last = 5;
+    loop {
+        match c.next_audio(WAIT).await {
+            Step::Frame(f) => {
+                assert_eq!(f.sequence, last + 1, "no frame lost");
+                last = f.sequence;
+            }
+            Step::End(seq) => {
+                assert_eq!(seq, 101, "end marker after all 100 frames");
+                break;
+            }
+            Step::Other(v) => panic!("before the end marker: {v}"),
+        }
+    }
+    let (end, before) = c.recv_until(WAIT, |v| v["type"] == "session_end").await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(end["reason"], "shutdown");
+    match c.recv(WAIT).await {
+        Incoming::Close(Some((code, _))) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let status = old.proc.wait_exit(WAIT);
+    assert!(status.success(), "clean exit after the drain: {status}");
+}
+
+#[tokio::test]
+async fn the_drain_deadline_cuts_what_is_left_with_interrupted_and_an_end_marker() {
+    let worker = Worker::start(&[]).await;
+    let mut server = Server::serve(&worker.url(), &["--drain-secs", "0.5"]).await;
+    let mut c = server.client("").await;
+    // 20 chunks: 10 s of realtime audio, far past the drain deadline.
+    for i in 0..20 {
+        c.send_json(&serde_json::json!({"type":"text","text":"long","is_final": i == 19}))
+            .await;
+    }
+    c.read_frames(3, WAIT).await;
+    server.proc.signal(libc::SIGTERM);
+    let (int, _) = c.recv_until(WAIT, |v| v["type"] == "interrupted").await;
+    assert_eq!(int["reason"], "shutdown", "{int}");
+    let sent = int["sequence"].as_u64().expect("sequence");
+    loop {
+        match c.next_audio(WAIT).await {
+            Step::End(seq) => {
+                assert_eq!(seq, sent + 1);
+                break;
+            }
+            Step::Frame(_) => panic!("a frame after interrupted"),
+            Step::Other(v) => panic!("before the end marker: {v}"),
+        }
+    }
+    let (end, _) = c.recv_until(WAIT, |v| v["type"] == "session_end").await;
+    assert_eq!(end["reason"], "shutdown");
+    assert!(server.proc.wait_exit(WAIT).success());
+}
