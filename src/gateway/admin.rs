@@ -73,11 +73,14 @@ pub fn handle_admin(shared: &Shared, req: &Request) -> Vec<u8> {
             )
         }
         (_, "/liveness") => response(200, json, br#"{"status":"alive"}"#),
-        (_, "/metrics") => response(
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.render().as_bytes(),
-        ),
+        (_, "/metrics") => {
+            refresh_gauges(shared);
+            response(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.render().as_bytes(),
+            )
+        }
         (_, "/metrics/summary") => response(
             200,
             json,
@@ -142,6 +145,20 @@ fn health(shared: &Shared) -> (bool, serde_json::Value) {
         "cores": shared.config.cores,
     });
     (healthy, body)
+}
+
+/// Sets the gauges that mirror state rather than count events, just before a scrape.
+fn refresh_gauges(shared: &Shared) {
+    let (_, h) = health(shared);
+    let m = &shared.metrics;
+    let n = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+    m.workers_available.set(n(&h["worker"]["reachable"]));
+    m.workers_known.set(n(&h["worker"]["known"]));
+    if shared.discovery.is_some() {
+        m.redis_up.set(i64::from(h["redis"]["ok"] == true));
+    }
+    m.max_connections
+        .set(i64::try_from(shared.config.max_connections).unwrap_or(i64::MAX));
 }
 
 /// Longest an admin request may take to arrive.

@@ -315,6 +315,10 @@ async fn run_session(
         sessions.is_empty()
     };
     shared.metrics.sessions_active.dec();
+    shared
+        .metrics
+        .session_duration
+        .observe(session.age(Instant::now()).as_secs_f64());
     core_gauge.dec();
     tracing::info!(parent: &session.span, "session closed");
     if last {

@@ -89,6 +89,22 @@ impl EncodeMetric for FrameLateness {
     }
 }
 
+/// `build_info{version="..."} 1`.
+#[derive(Debug)]
+struct BuildInfo;
+
+impl EncodeMetric for BuildInfo {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let labels = [("version", env!("CARGO_PKG_VERSION"))];
+        encoder
+            .encode_family(&labels)?
+            .encode_gauge(&1i64)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
 /// Label set of per-core series.
 pub type CoreLabels = Vec<(String, String)>;
 
@@ -111,6 +127,17 @@ pub struct Metrics {
     pub rate_limited: Family<Vec<(String, String)>, Counter>,
     /// 1 while the process drains (SIGTERM or `POST /drain`).
     pub draining: Gauge,
+    /// Session lengths (the Python system's `session_duration_seconds`).
+    pub session_duration: Histogram,
+    /// Workers that answered their last probe (set at scrape).
+    pub workers_available: Gauge,
+    /// Workers known (static and discovered; set at scrape).
+    pub workers_known: Gauge,
+    /// 1 when the registry was read at the last attempt, 0 when Redis is down, absent without
+    /// `--redis` (set at scrape).
+    pub redis_up: Gauge,
+    /// `--max-connections` (so alerts can say "near the cap" without a copy of the flag).
+    pub max_connections: Gauge,
     pub first_audio_latency: Histogram,
     pub barge_in_latency: Histogram,
     pub frame_lateness: Arc<FrameLateness>,
@@ -145,6 +172,13 @@ impl Metrics {
             auth_failures: Family::default(),
             rate_limited: Family::default(),
             draining: Gauge::default(),
+            session_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14),
+            ),
+            workers_available: Gauge::default(),
+            workers_known: Gauge::default(),
+            redis_up: Gauge::default(),
+            max_connections: Gauge::default(),
             first_audio_latency: Histogram::new(latency_buckets()),
             barge_in_latency: Histogram::new(latency_buckets()),
             frame_lateness: Arc::new(FrameLateness::new(cores)),
@@ -205,6 +239,47 @@ impl Metrics {
             "draining",
             "1 while the orchestrator drains before shutdown",
             m.draining.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Length of closed WebSocket sessions",
+            m.session_duration.clone(),
+        );
+        registry.register(
+            "worker_available",
+            "TTS workers that answered their last probe",
+            m.workers_available.clone(),
+        );
+        registry.register(
+            "worker_known",
+            "TTS workers known (static and discovered)",
+            m.workers_known.clone(),
+        );
+        registry.register(
+            "redis_up",
+            "1 when the worker registry was read at the last attempt, 0 when Redis is down",
+            m.redis_up.clone(),
+        );
+        registry.register(
+            "max_connections",
+            "The --max-connections cap of this process",
+            m.max_connections.clone(),
+        );
+        registry.register(
+            "build_info",
+            "The running build (value 1; version in the label)",
+            BuildInfo,
+        );
+        // Names the earlier Python system's dashboards use, as aliases of ours (same series).
+        registry.register(
+            "synthesis_latency_seconds",
+            "Alias of first_audio_latency_seconds (the Python system's name)",
+            m.first_audio_latency.clone(),
+        );
+        registry.register(
+            "worker_errors",
+            "Alias of synthesis_errors_total: utterances failed by a worker (the Python system's name)",
+            m.synthesis_errors.clone(),
         );
         registry.register(
             "first_audio_latency_seconds",
