@@ -106,6 +106,12 @@ fn health(shared: &Shared) -> (bool, serde_json::Value) {
             }
         }
     }
+    // Workers kept through a registry gap (a Redis restart) still serve: count them.
+    for a in shared.book.reachable_addrs() {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
     let workers: Vec<_> = addrs
         .iter()
         .map(|a| json!({"addr": a, "reachable": shared.book.reachable(a)}))

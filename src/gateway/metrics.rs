@@ -96,9 +96,7 @@ struct BuildInfo;
 impl EncodeMetric for BuildInfo {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let labels = [("version", env!("CARGO_PKG_VERSION"))];
-        encoder
-            .encode_family(&labels)?
-            .encode_gauge(&1i64)
+        encoder.encode_family(&labels)?.encode_gauge(&1i64)
     }
     fn metric_type(&self) -> MetricType {
         MetricType::Gauge

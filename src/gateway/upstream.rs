@@ -18,6 +18,11 @@ use crate::grpc::{ClientOptions, RequestSink, ResponseStream, Status};
 use crate::proto;
 use crate::registry::{choose, Candidate, Discovery, WorkerRecord};
 
+/// How long a worker that vanished from the registry but still answers its probes keeps
+/// getting sessions: a worker re-registers within a heartbeat (TTL/3, 10 s by default) after
+/// Redis restarts empty.
+const VANISH_GRACE: Duration = Duration::from_secs(15);
+
 /// Connect attempts per [`Upstream::client`] call before the worker counts as failed.
 const CONNECT_ATTEMPTS: u32 = 3;
 
@@ -64,6 +69,15 @@ impl HealthBook {
             .is_some_and(|h| h.refusing.load(Ordering::Relaxed))
     }
 
+    /// Addresses of the workers that answered their last probe (and were not dropped since).
+    pub fn reachable_addrs(&self) -> Vec<String> {
+        let map = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .filter(|h| h.reachable.load(Ordering::Relaxed))
+            .map(|h| h.addr.clone())
+            .collect()
+    }
+
     /// Whether `addr` answered its last probe.
     pub fn reachable(&self, addr: &str) -> bool {
         let map = self.workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -89,6 +103,8 @@ struct Target {
     /// Held while one task connects, so a burst of sessions makes one connection, not one
     /// each (the others wait here, then use it).
     connecting: Rc<tokio::sync::Mutex<()>>,
+    /// When a discovered worker last left the registry while still answering its probes.
+    vanished_at: Cell<Option<Instant>>,
 }
 
 /// The core's worker connections.
@@ -100,6 +116,8 @@ pub struct Upstream {
     seen_version: Cell<u64>,
     options: ClientOptions,
     picks: Cell<u64>,
+    /// How long a worker that left the registry but answers its probes stays listed.
+    vanish_grace: Duration,
 }
 
 impl Upstream {
@@ -116,6 +134,7 @@ impl Upstream {
             seen_version: Cell::new(0),
             options: ClientOptions::default(),
             picks: Cell::new(0),
+            vanish_grace: VANISH_GRACE,
         };
         for addr in statics {
             up.add_target(addr, true);
@@ -135,6 +154,7 @@ impl Upstream {
             record: RefCell::new(None),
             in_flight: Cell::new(0),
             connecting: Rc::new(tokio::sync::Mutex::new(())),
+            vanished_at: Cell::new(None),
         });
         targets.len() - 1
     }
@@ -146,29 +166,52 @@ impl Upstream {
             return;
         };
         let snap = discovery.snapshot();
-        if snap.version == self.seen_version.get() {
-            return;
-        }
-        self.seen_version.set(snap.version);
-        let mut present = Vec::with_capacity(snap.workers.len());
-        for rec in &snap.workers {
-            let Some(addr) = rec.authority() else {
-                continue;
-            };
-            let existing = self.targets.borrow().iter().position(|t| t.addr == addr);
-            let i = existing.unwrap_or_else(|| {
-                tracing::info!(worker = %rec.name, %addr, "discovered worker");
-                self.add_target(addr, false)
-            });
-            *self.targets.borrow()[i].record.borrow_mut() = Some(Rc::new(rec.clone()));
-            present.push(i);
-        }
-        for (i, t) in self.targets.borrow().iter().enumerate() {
-            let listed = t.is_static || present.contains(&i);
-            if t.listed.get() && !listed {
-                tracing::info!(addr = %t.addr, "worker left the registry");
+        if snap.version != self.seen_version.get() {
+            self.seen_version.set(snap.version);
+            let mut present = Vec::with_capacity(snap.workers.len());
+            for rec in &snap.workers {
+                let Some(addr) = rec.authority() else {
+                    continue;
+                };
+                let existing = self.targets.borrow().iter().position(|t| t.addr == addr);
+                let i = existing.unwrap_or_else(|| {
+                    tracing::info!(worker = %rec.name, %addr, "discovered worker");
+                    self.add_target(addr, false)
+                });
+                *self.targets.borrow()[i].record.borrow_mut() = Some(Rc::new(rec.clone()));
+                present.push(i);
             }
-            t.listed.set(listed);
+            let now = Instant::now();
+            for (i, t) in self.targets.borrow().iter().enumerate() {
+                if t.is_static || present.contains(&i) {
+                    t.vanished_at.set(None);
+                    t.listed.set(true);
+                } else if t.listed.get() && t.vanished_at.get().is_none() {
+                    // Gone from the registry. A worker that still answers its probes most
+                    // likely lost its record with a Redis restart and re-registers within
+                    // seconds: keep it for a grace period instead of refusing sessions.
+                    if t.health.reachable.load(Ordering::Relaxed) {
+                        tracing::info!(addr = %t.addr, "worker left the registry but answers; keeping it for the grace period");
+                        t.vanished_at.set(Some(now));
+                    } else {
+                        tracing::info!(addr = %t.addr, "worker left the registry");
+                        t.listed.set(false);
+                        t.health.reachable.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        for t in self.targets.borrow().iter() {
+            if let Some(at) = t.vanished_at.get() {
+                let reachable = t.health.reachable.load(Ordering::Relaxed);
+                if !reachable || now.duration_since(at) >= self.vanish_grace {
+                    tracing::info!(addr = %t.addr, "worker left the registry");
+                    t.vanished_at.set(None);
+                    t.listed.set(false);
+                    t.health.reachable.store(false, Ordering::Relaxed);
+                }
+            }
         }
     }
 
