@@ -413,3 +413,29 @@ async fn log_format_json_writes_one_json_object_per_line() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_page_s_voice_picker_lists_what_the_workers_offer() {
+    let stack = Stack::default().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http_get(stack.server.addr, "/voices").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        let voices: Vec<String> = v["voices"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The probe fills the list within a second or two of start.
+        if voices.iter().any(|m| m.starts_with("mock")) {
+            assert_eq!(v["default"], "mock-440hz", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no mock voice listed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

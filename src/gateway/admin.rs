@@ -32,6 +32,16 @@ pub fn handle_public(shared: &Shared, req: &Request) -> Vec<u8> {
             };
             response(if ready { 200 } else { 503 }, "application/json", body)
         }
+        // The voices the workers offer, for the page's picker.
+        "/voices" => {
+            let voices = shared
+                .voices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let body = json!({ "voices": voices, "default": shared.config.model });
+            response(200, "application/json", body.to_string().as_bytes())
+        }
         // [speech] The web client: static files built into the binary (src/web).
         path => match crate::web::asset(path) {
             Some(asset) => response(200, asset.content_type, asset.body),

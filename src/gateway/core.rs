@@ -40,6 +40,9 @@ pub struct Shared {
     pub auth: Auth,
     /// Sessions per client IP.
     pub per_ip: Arc<PerIp>,
+    /// Model ids the workers list (ListModels, refreshed by the probe), for the web page's
+    /// voice picker. Written once a second, read by `GET /voices`; never on the frame path.
+    pub voices: std::sync::Mutex<Vec<String>>,
     /// The process's phase; cores watch it.
     phase: watch::Sender<Phase>,
     draining: AtomicBool,
@@ -84,6 +87,7 @@ impl Shared {
             started: Instant::now(),
             auth,
             per_ip: Arc::new(PerIp::default()),
+            voices: std::sync::Mutex::new(Vec::new()),
             phase: watch::Sender::new(Phase::Running),
             draining: AtomicBool::new(false),
             config,

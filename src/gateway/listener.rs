@@ -140,16 +140,26 @@ async fn output_guard(core: Rc<Core>, sessions: Rc<Sessions>) {
 async fn probe_loop(core: Rc<Core>) {
     loop {
         core.upstream.sync();
+        let mut voices = Vec::new();
         for i in (0..core.upstream.len()).filter(|&i| core.upstream.is_listed(i)) {
-            let result = match core.upstream.client(i).await {
-                Ok(c) => upstream::probe(&c).await,
-                Err(e) => Err(e),
+            let client = core.upstream.client(i).await;
+            let result = match &client {
+                Ok(c) => upstream::probe(c).await,
+                Err(e) => Err(e.clone()),
             };
             match result {
-                Ok(()) => core.upstream.mark_ok(i),
+                Ok(()) => {
+                    core.upstream.mark_ok(i);
+                    if let Ok(c) = &client {
+                        voices.extend(upstream::models(c).await);
+                    }
+                }
                 Err(_) => core.upstream.mark_failed(i),
             }
         }
+        voices.sort();
+        voices.dedup();
+        *core.shared.voices.lock().unwrap_or_else(|e| e.into_inner()) = voices;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -450,6 +450,14 @@ pub async fn end_session(client: &TtsClient, session_id: &str) -> Result<(), Sta
     Ok(())
 }
 
+/// The model ids a worker lists (empty when it doesn't answer in time).
+pub async fn models(client: &TtsClient) -> Vec<String> {
+    match client.list_models(Some(Duration::from_secs(1))).await {
+        Ok(r) => r.models.into_iter().map(|m| m.model_id).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Liveness probe (GetCapabilities answers at once on a healthy worker).
 pub async fn probe(client: &TtsClient) -> Result<(), Status> {
     client

@@ -97,6 +97,9 @@ mod tests {
             "frames",
             "underruns",
             "state",
+            "level",
+            "spark",
+            "voices",
         ] {
             assert!(
                 html.contains(&format!("id=\"{id}\"")),

@@ -11,7 +11,7 @@ const JITTER_MS = 60;
 const view = {
   text: $('text'), model: $('model'), state: $('state'), fal: $('fal'), frames: $('frames'),
   underruns: $('underruns'), buffered: $('buffered'), voice: $('voice'), you: $('you'),
-  note: $('note'), log: $('log'),
+  note: $('note'), log: $('log'), level: $('level'), spark: $('spark'), voices: $('voices'),
 };
 const buttons = {
   speak: $('speak'), pause: $('pause'), resume: $('resume'), stop: $('stop'), mic: $('mic'),
@@ -28,6 +28,72 @@ let discarding = false; // after Stop: frames already in flight are dropped unti
 let mic = null; // { stream, node } while the microphone is on
 let micChunks = 0; // 20 ms microphone messages sent (shown in the log when the mic stops)
 let bargedIn = false; // the gateway interrupted playback because the user spoke
+
+// Live figures beside the counters: the level of the audio as it arrives, and a sparkline of
+// each utterance's first-audio latency and frame arrival jitter.
+const history = []; // { fal, jitter } per finished utterance, newest last (at most 40)
+let gaps = []; // ms between frame arrivals in the current utterance
+let lastArrival = null;
+
+function frameLevel(pcm) {
+  const s = new Int16Array(pcm);
+  let sum = 0;
+  for (let i = 0; i < s.length; i += 4) sum += s[i] * s[i];
+  const rms = Math.sqrt(sum / Math.max(1, s.length / 4)) / 32768;
+  return rms > 0 ? Math.max(-60, 20 * Math.log10(rms)) : -60;
+}
+
+function finishUtterance(cur) {
+  if (!cur || cur.first === null) return;
+  const sorted = gaps.map((g) => Math.abs(g - 20)).sort((a, b) => a - b);
+  const jitter = sorted.length ? sorted[Math.floor(sorted.length * 0.95)] : 0;
+  history.push({ fal: cur.first - cur.sentAt, jitter });
+  if (history.length > 40) history.shift();
+  gaps = [];
+  lastArrival = null;
+  drawSpark();
+}
+
+function drawSpark() {
+  const c = view.spark;
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  if (!history.length) return;
+  const top = Math.max(50, ...history.map((h) => Math.max(h.fal, h.jitter)));
+  const w = c.width / 40;
+  g.fillStyle = '#4a7';
+  history.forEach((h, i) => {
+    const bh = (h.fal / top) * (c.height - 4);
+    g.fillRect(i * w + 1, c.height - bh, w - 2, bh);
+  });
+  g.strokeStyle = '#c43';
+  g.beginPath();
+  history.forEach((h, i) => {
+    const y = c.height - (h.jitter / top) * (c.height - 4);
+    if (i === 0) g.moveTo(i * w + w / 2, y);
+    else g.lineTo(i * w + w / 2, y);
+  });
+  g.stroke();
+  g.fillStyle = '#333';
+  g.fillText(`${Math.round(top)} ms`, 4, 10);
+}
+
+// The voice picker lists what the workers offer (GET /voices).
+async function loadVoices() {
+  try {
+    const r = await fetch('/voices');
+    const { voices } = await r.json();
+    view.voices.replaceChildren(...voices.map((v) => {
+      const o = document.createElement('option');
+      o.value = v;
+      return o;
+    }));
+    log(`voices: ${voices.join(', ') || '(none listed yet)'}`);
+  } catch (e) {
+    log(`voices: ${e}`);
+  }
+}
+loadVoices();
 
 function log(msg) {
   const t = new Date().toISOString().slice(11, 23);
@@ -173,6 +239,10 @@ function onAudio(buf) {
     }
     frames += 1;
     view.frames.textContent = String(frames);
+    const now = performance.now();
+    if (lastArrival !== null) gaps.push(now - lastArrival);
+    lastArrival = now;
+    view.level.value = frameLevel(buf.slice(8));
     if (player) {
       const pcm = buf.slice(8);
       player.port.postMessage({ type: 'frame', pcm }, [pcm]);
@@ -180,7 +250,8 @@ function onAudio(buf) {
     if (state === 'waiting') setState('speaking');
   }
   if (final) {
-    pending.shift();
+    finishUtterance(pending.shift());
+    view.level.value = -60;
     if (bargedIn) {
       // The user's speech ended the utterance: what is still buffered must not play.
       bargedIn = false;
