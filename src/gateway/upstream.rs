@@ -458,10 +458,46 @@ pub async fn models(client: &TtsClient) -> Vec<String> {
     }
 }
 
-/// Liveness probe (GetCapabilities answers at once on a healthy worker).
+/// `grpc.health.v1.HealthCheckRequest` (the standard health service's wire message).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    pub service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckResponse {
+    /// 1 = SERVING, 2 = NOT_SERVING (draining), 0 = UNKNOWN.
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+}
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const SERVING: i32 = 1;
+
+/// Probes a worker: the standard `grpc.health.v1` Check (a draining worker answers
+/// NOT_SERVING and gets no new sessions), falling back to GetCapabilities for workers without
+/// the health service (the earlier Python worker).
 pub async fn probe(client: &TtsClient) -> Result<(), Status> {
-    client
-        .get_capabilities(Some(Duration::from_secs(1)))
-        .await?;
-    Ok(())
+    let timeout = Some(Duration::from_secs(1));
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    match client
+        .client()
+        .unary::<_, HealthCheckResponse>(HEALTH_CHECK, &req, timeout)
+        .await
+    {
+        Ok(r) if r.status == SERVING => Ok(()),
+        Ok(r) => Err(Status::unavailable(format!(
+            "worker health status {} (not serving)",
+            r.status
+        ))),
+        Err(e) if e.code == crate::grpc::Code::Unimplemented => {
+            client.get_capabilities(timeout).await?;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
