@@ -26,6 +26,8 @@ use crate::ws::handshake::{self, Parsed};
 const MAX_IOV: usize = 512;
 /// Bytes read per `read` on a client socket.
 const READ_BUF: usize = 4096;
+/// How long a session the server closed waits for the client to close its side.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Serves one accepted connection to its end.
 pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, peer: SocketAddr) {
@@ -262,6 +264,7 @@ async fn run_session(
 
     let mut decoder = Decoder::new(shared.config.max_message_bytes, leftover);
     let mut buf = vec![0u8; READ_BUF];
+    let mut linger = None;
     'read: loop {
         loop {
             match decoder.next_message() {
@@ -288,11 +291,21 @@ async fn run_session(
         if let Some(reply) = decoder.take_replies() {
             session.send(Bytes::from(reply));
         }
-        if session.output.is_closing() {
-            // The server closed the session (a limit, a drain): stop reading its input.
-            break;
+        // After the server starts a close (a limit, a drain, a timeout) the client's input is
+        // read and dropped until it closes too, for at most CLOSE_LINGER: closing a socket with
+        // unread input makes the kernel send a reset, which can destroy the `session_end` and
+        // close frame still on their way to the client.
+        if linger.is_none() && session.output.is_closing() {
+            linger = Some(tokio::time::Instant::now() + CLOSE_LINGER);
         }
-        let (res, b) = stream.read(buf).await;
+        let read = stream.read(buf);
+        let (res, b) = match linger {
+            None => read.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
         buf = b;
         match res {
             Ok(0) | Err(_) => break,
@@ -342,10 +355,13 @@ async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
         if let Err(e) = write_all(&stream, &mut batch).await {
             tracing::debug!(parent: &session.span, error = %e, "write failed");
             session.output.dead();
-            break;
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    // Half-close: the client reads everything (the close frame last), then closes its side,
+    // which ends the reader.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// Writes every chunk of `batch` (handling partial writes) and leaves it empty.

@@ -38,28 +38,58 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
     tokio_uring::spawn(output_guard(core.clone(), sessions.clone()));
     let listener = tokio_uring::net::TcpListener::from_std(listener);
     let mut phase = shared.phase();
+    // The accept in flight is kept across loop turns and awaited after the listener is shut
+    // down: an io_uring accept dropped after it completed would leak its connection (accepted,
+    // never served, reset only when the process exits).
+    let mut accept = Box::pin(listener.accept());
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio_uring::spawn(conn::serve(core.clone(), sessions.clone(), stream, peer));
-                }
-                Err(e) => {
-                    tracing::warn!(core = index, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
+            accepted = &mut accept => {
+                serve_accepted(&core, &sessions, accepted).await;
+                accept = Box::pin(listener.accept());
+            }
             _ = phase.changed() => break,
         }
     }
-    // Closing the listener makes the kernel send new connections to the other listeners on
-    // the port: a replacement process started with --takeover.
+    // Stop listening: shutdown(2) on the listening socket completes the accept in flight (an
+    // error, or a connection that came in meanwhile, which is served like any other), and the
+    // kernel sends new connections to the other listeners on the port (a replacement started
+    // with --takeover).
+    {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the listener owns this fd and outlives the borrow (it is dropped below).
+        let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+        let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+    }
+    if let Ok(accepted) = tokio::time::timeout(Duration::from_secs(1), &mut accept).await {
+        if let Ok((stream, peer)) = accepted {
+            tokio_uring::spawn(conn::serve(core.clone(), sessions.clone(), stream, peer));
+        }
+    }
+    drop(accept);
     drop(listener);
     let deadline = match *phase.borrow() {
         Phase::Draining { deadline } => deadline,
         Phase::Running => Instant::now(),
     };
     drain(&sessions, deadline).await;
+}
+
+/// Serves one accepted connection (or backs off briefly after an accept error).
+async fn serve_accepted(
+    core: &Rc<Core>,
+    sessions: &Rc<Sessions>,
+    accepted: std::io::Result<(tokio_uring::net::TcpStream, std::net::SocketAddr)>,
+) {
+    match accepted {
+        Ok((stream, peer)) => {
+            tokio_uring::spawn(conn::serve(core.clone(), sessions.clone(), stream, peer));
+        }
+        Err(e) => {
+            tracing::warn!(core = core.index, error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// How often a draining core looks for sessions that have finished speaking.

@@ -357,6 +357,16 @@ impl Upstream {
         }
     }
 
+    /// True when worker `i` failed within the last [`FAILURE_BACKOFF`].
+    pub fn recently_failed(&self, i: usize) -> bool {
+        let now = Instant::now();
+        self.targets.borrow().get(i).is_some_and(|t| {
+            t.failed_at
+                .get()
+                .is_some_and(|f| now.duration_since(f) < FAILURE_BACKOFF)
+        })
+    }
+
     /// Records that worker `i` refused a session (at capacity): new sessions avoid it for a
     /// while and `/health` says degraded.
     pub fn mark_refusing(&self, i: usize) {

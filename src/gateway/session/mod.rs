@@ -480,16 +480,25 @@ impl Session {
         if self.busy() {
             return;
         }
-        let released = {
+        self.end_worker_session();
+        tracing::debug!(parent: &self.span, "idle: worker session released");
+    }
+
+    /// Lets go of the session's worker: the binding is forgotten (the next utterance chooses
+    /// again) and the worker session is ended in the background, best effort.
+    fn end_worker_session(&self) {
+        let (released, opened) = {
             let mut link = self.link.borrow_mut();
             let opened = link.opened;
-            link.forget().filter(|_| opened)
+            (link.forget(), opened)
         };
         let Some(worker) = released else {
             return;
         };
         self.core.upstream.release(worker);
-        tracing::debug!(parent: &self.span, "idle: worker session released");
+        if !opened {
+            return;
+        }
         let core = self.core.clone();
         let id = self.id.clone();
         tokio_uring::spawn(async move {
@@ -516,6 +525,16 @@ impl Session {
     /// the code and the message for the client; details (addresses, OS errors) go to the log.
     async fn synthesize(self: &Rc<Self>, generation: u64) -> Result<(), (ErrorCode, String)> {
         let upstream = &self.core.upstream;
+        // A worker that failed since this session last used it (other sessions saw it die
+        // while this one was idle) is dropped now: choose again instead of failing once more.
+        let stale = self
+            .link
+            .borrow()
+            .worker
+            .filter(|&w| upstream.recently_failed(w));
+        if stale.is_some() {
+            self.end_worker_session();
+        }
         let chosen = {
             let link = self.link.borrow();
             link.worker.map(|w| (w, !link.opened))
