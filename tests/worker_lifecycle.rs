@@ -469,3 +469,40 @@ async fn espeak_text_without_audio_still_ends_with_one_final_frame() {
     let frames = collect(&mut synthesize(&c, "e", "Hello.").await).await;
     assert!(frames.len() > 5, "{} frames", frames.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_from_redis_before_the_open_synthesis_ends() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    let mut w = Worker::worker(&[
+        "--mock-frame-interval-ms",
+        "150",
+        "--redis",
+        &url,
+        "--name",
+        "draining",
+    ]);
+    let t0 = Instant::now();
+    while redis.get("worker:draining").is_none() {
+        assert!(t0.elapsed() < WAIT, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = connect(&w, None).await;
+    start(&c, "long", "mock-440hz").await;
+    let mut rx = synthesize(&c, "long", "a long sentence").await;
+    timeout(WAIT, rx.message()).await.unwrap().unwrap().unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(w.pid(), libc::SIGTERM) };
+    // The record goes while the synthesis (about 3.6 s more) is still streaming.
+    let t0 = Instant::now();
+    while redis.get("worker:draining").is_some() {
+        assert!(t0.elapsed() < WAIT, "the record was not deleted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let next = timeout(WAIT, rx.message()).await.unwrap().unwrap().unwrap();
+    assert!(!next.is_final, "deleted before the synthesis ended");
+    let frames = collect(&mut rx).await;
+    assert_eq!(frames.last().map(|f| f.sequence_number), Some(25));
+    let status = tokio::task::block_in_place(|| wait_exit(&mut w));
+    assert!(status.success(), "{status:?}");
+}
