@@ -286,7 +286,10 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("cannot build the reflection service")?;
-    let tts = TtsServiceServer::from_arc(Arc::new(Grpc(service.clone())));
+    // The same 4 MiB cap as our client: far above any real TextChunk, and a corrupt or hostile
+    // length prefix cannot make the worker allocate more.
+    let tts = TtsServiceServer::from_arc(Arc::new(Grpc(service.clone())))
+        .max_decoding_message_size(crate::grpc::codec::DEFAULT_MAX_MESSAGE);
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
