@@ -1,6 +1,9 @@
-//! Wire compatibility of our raw-h2 gRPC stack with an independent implementation (tonic):
-//! (a) a tonic client against the real `duplex worker` binary,
-//! (b) our `Client` / `TtsClient` against a tonic server stub in this process.
+//! Wire compatibility across independent gRPC implementations:
+//! (a) a hand-rolled tonic client against the real `duplex worker` binary (itself served by
+//!     tonic since the worker moved off the raw-h2 server): the contract as a generic client
+//!     sees it, without our generated server code on the client side;
+//! (b) our raw-h2 `Client` / `TtsClient` (the orchestrator's) against a tonic server stub in
+//!     this process: our client speaks the same wire protocol as tonic.
 //!
 //! No codegen: the tonic side uses `tonic::client::Grpc` / `tonic::server::Grpc` with
 //! `tonic_prost::ProstCodec` and hand-written routing, so both sides share only the prost
@@ -137,7 +140,7 @@ async fn next_frame(stream: &mut Streaming<AudioFrame>) -> Result<Option<AudioFr
 
 #[tokio::test]
 async fn tonic_client_calls_all_eight_rpcs_of_our_worker() {
-    let w = Worker::worker(&[]);
+    let w = Worker::worker(&["--allow-model-management"]);
     let mut c = TonicTts::connect(&w.addr).await;
 
     c.start("t1").await;
@@ -171,8 +174,10 @@ async fn tonic_client_calls_all_eight_rpcs_of_our_worker() {
         )
         .await
         .unwrap();
-    assert!(loaded.success);
-    let unloaded: UnloadModelResponse = c
+    // mock-2 is an alias of the resident mock-440hz: nothing new is catalogued.
+    assert!(loaded.success, "{}", loaded.message);
+    assert!(loaded.message.contains("alias"), "{}", loaded.message);
+    let in_use: UnloadModelResponse = c
         .unary(
             path::UNLOAD_MODEL,
             Request::new(UnloadModelRequest {
@@ -181,17 +186,23 @@ async fn tonic_client_calls_all_eight_rpcs_of_our_worker() {
         )
         .await
         .unwrap();
-    assert!(unloaded.success);
-    let unloaded_again: UnloadModelResponse = c
+    assert!(!in_use.success, "session t1 uses the mock");
+    assert!(in_use.message.contains("in use"), "{}", in_use.message);
+    let unknown: UnloadModelResponse = c
         .unary(
             path::UNLOAD_MODEL,
             Request::new(UnloadModelRequest {
-                model_id: "mock-2".into(),
+                model_id: "no-such-model".into(),
             }),
         )
         .await
         .unwrap();
-    assert!(!unloaded_again.success);
+    assert!(!unknown.success);
+    assert!(
+        unknown.message.contains("unknown model"),
+        "{}",
+        unknown.message
+    );
 
     let ctl: ControlResponse = c
         .unary(

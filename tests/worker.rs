@@ -305,7 +305,7 @@ async fn unknown_method_is_unimplemented() {
 
 #[tokio::test]
 async fn sessions_models_and_capabilities() {
-    let w = Worker::worker(&["--max-sessions", "2"]);
+    let w = Worker::worker(&["--max-sessions", "2", "--allow-model-management"]);
     let client = w.client().await;
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
     let c = caps.capabilities.unwrap();
@@ -367,18 +367,16 @@ async fn sessions_models_and_capabilities() {
     assert!(loaded.success, "{}", loaded.message);
     assert!(loaded.load_duration_ms >= 0);
     let models = client.list_models(Some(WAIT)).await.unwrap().models;
-    // Mock models only: espeak voices, when installed, are listed too (tests/speech.rs).
+    // One mock model, whatever alias was loaded; espeak voices, when installed, are listed
+    // too (tests/speech.rs).
     let ids: Vec<_> = models
         .iter()
         .filter(|m| m.family == "mock")
         .map(|m| (m.model_id.as_str(), m.is_loaded))
         .collect();
-    assert_eq!(ids, vec![("mock-440hz", true), ("mock-fast", true)]);
+    assert_eq!(ids, vec![("mock-440hz", true)]);
     let caps = client.get_capabilities(Some(WAIT)).await.unwrap();
-    assert_eq!(
-        caps.resident_models,
-        vec!["mock-440hz".to_owned(), "mock-fast".to_owned()]
-    );
+    assert_eq!(caps.resident_models, vec!["mock-440hz".to_owned()]);
     let un = client
         .unload_model(
             &UnloadModelRequest {
@@ -388,7 +386,8 @@ async fn sessions_models_and_capabilities() {
         )
         .await
         .unwrap();
-    assert!(un.success);
+    assert!(!un.success, "session y still uses the mock");
+    assert!(un.message.contains("in use"), "{}", un.message);
     let un = client
         .unload_model(
             &UnloadModelRequest {
@@ -485,6 +484,7 @@ async fn stopped_worker_is_detected_by_keepalive() {
         connect_timeout: Duration::from_secs(2),
         keepalive_interval: Duration::from_millis(200),
         keepalive_timeout: Duration::from_millis(500),
+        ..ClientOptions::default()
     };
     let client = TtsClient::connect(&w.addr, &opts).await.unwrap();
     start_session(&client, "z").await;

@@ -61,6 +61,9 @@ pub struct ClientOptions {
     /// How long to wait for the PONG before declaring the connection dead. 5 s tolerates a
     /// worker busy with a GC-like stall but still fails over within ~10 s of a hang.
     pub keepalive_timeout: Duration,
+    /// Sent as `authorization` on every call: the worker token (`duplex worker
+    /// --worker-token-file`); `None` sends nothing.
+    pub authorization: Option<super::tts::WorkerAuth>,
 }
 
 impl Default for ClientOptions {
@@ -69,6 +72,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
+            authorization: None,
         }
     }
 }
@@ -84,6 +88,9 @@ struct Inner {
     send: SendRequest<Bytes>,
     /// `host:port` used for the `:authority` pseudo-header.
     authority: http::uri::Authority,
+    /// The `authorization` header of every call, built once (cloning it per call is a
+    /// reference-count increment).
+    authorization: Option<HeaderValue>,
     /// Becomes true when the connection task ends (peer gone, keepalive timeout, error).
     dead: watch::Receiver<bool>,
     /// Set when the server refused a new stream because it is going away (GOAWAY): existing
@@ -181,6 +188,7 @@ impl Client {
             inner: Arc::new(Inner {
                 send,
                 authority,
+                authorization: opts.authorization.as_ref().map(|a| a.header().clone()),
                 dead: dead_rx,
                 draining: AtomicBool::new(false),
             }),
@@ -287,6 +295,9 @@ impl Client {
             .header(http::header::USER_AGENT, "duplex-grpc/0.1");
         if let Some(t) = timeout {
             builder = builder.header(timeout::GRPC_TIMEOUT, timeout::format(t));
+        }
+        if let Some(auth) = &self.inner.authorization {
+            builder = builder.header(http::header::AUTHORIZATION, auth.clone());
         }
         builder
             .body(())
@@ -657,6 +668,7 @@ mod tests {
         assert_eq!(o.connect_timeout, Duration::from_secs(1));
         assert_eq!(o.keepalive_interval, Duration::from_secs(5));
         assert_eq!(o.keepalive_timeout, Duration::from_secs(5));
+        assert!(o.authorization.is_none());
     }
 
     #[test]

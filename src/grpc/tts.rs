@@ -34,6 +34,51 @@ pub struct AudioPayload {
     pub is_final: bool,
 }
 
+/// The worker token as the `authorization: Bearer <token>` header the orchestrator sends on
+/// every call to a worker started with `--worker-token-file` (PROTOCOL.md §5). Built once
+/// (validated, marked sensitive so HPACK never indexes it); its `Debug` hides the secret.
+#[derive(Clone)]
+pub struct WorkerAuth {
+    header: http::HeaderValue,
+}
+
+impl std::fmt::Debug for WorkerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerAuth(<redacted>)")
+    }
+}
+
+impl WorkerAuth {
+    /// From the token text; surrounding whitespace (a file's trailing newline) is ignored.
+    /// The token must be non-empty visible ASCII without spaces (what the worker accepts).
+    pub fn bearer(token: &str) -> Result<WorkerAuth, String> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err("the worker token is empty".into());
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the worker token must be visible ASCII without spaces".into());
+        }
+        let mut header = http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the worker token is not a valid header value".to_owned())?;
+        header.set_sensitive(true);
+        Ok(WorkerAuth { header })
+    }
+
+    /// Reads the token from a file (the orchestrator's `--worker-token-file`). Errors name
+    /// the file, never its content.
+    pub fn from_file(path: &std::path::Path) -> Result<WorkerAuth, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read worker token file {}: {e}", path.display()))?;
+        WorkerAuth::bearer(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The header value.
+    pub fn header(&self) -> &http::HeaderValue {
+        &self.header
+    }
+}
+
 /// HTTP/2 `:path` of every RPC of `tts.TTSService` (shared by client and worker).
 pub mod path {
     /// `StartSession(StartSessionRequest) -> StartSessionResponse`.
@@ -170,6 +215,18 @@ impl TtsClient {
 mod tests {
     use super::*;
     use prost::Message as _;
+
+    #[test]
+    fn worker_auth_is_a_sensitive_bearer_header() {
+        let a = WorkerAuth::bearer("tok3n\n").unwrap();
+        assert_eq!(a.header().as_bytes(), b"Bearer tok3n");
+        assert!(a.header().is_sensitive());
+        assert_eq!(format!("{a:?}"), "WorkerAuth(<redacted>)");
+        assert!(WorkerAuth::bearer("").is_err());
+        assert!(WorkerAuth::bearer("a b").is_err());
+        let e = WorkerAuth::from_file(std::path::Path::new("/nonexistent/tok")).unwrap_err();
+        assert!(e.contains("/nonexistent/tok"), "{e}");
+    }
 
     #[test]
     fn payload_reads_the_audio_frame_wire_format() {

@@ -1,8 +1,10 @@
 //! The TTS worker (`duplex worker`): the gRPC `tts.TTSService`, speaking with espeak-ng voices
 //! (when espeak-ng is installed) and the mock 440 Hz model.
 //!
-//! [`run`] is the CLI entry (serves until SIGINT/SIGTERM); [`spawn`] runs a worker on its own
-//! OS thread for `duplex demo` (orchestrator and worker in one process) and for tests.
+//! [`run`] is the CLI entry (serves until SIGINT/SIGTERM, then drains); [`spawn`] runs a
+//! worker on its own OS thread for `duplex demo` (orchestrator and worker in one process) and
+//! for tests. The gRPC server is tonic ([`server`]), with `grpc.health.v1` and reflection
+//! beside `tts.TTSService`.
 //!
 //! Runtime choice: a multi-thread tokio runtime with 2 worker threads. The gRPC stack is
 //! `Send` throughout, the target machines have few cores, and two threads let a long burst of
@@ -15,10 +17,12 @@ pub mod metrics;
 pub mod mock;
 pub mod models;
 pub mod resample;
+pub mod server;
 pub mod service;
 pub mod session;
 pub mod speech;
 pub mod stamp;
+pub mod stream;
 pub mod synthesis;
 pub mod wav;
 
@@ -30,10 +34,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::grpc::{serve, ServerConfig};
 use espeak::Espeak;
 use mock::MockTiming;
 use models::ManagerConfig;
+use server::{ServeOptions, WorkerToken};
 use service::{ServiceConfig, TtsService};
 
 /// Default gRPC listen address (PROTOCOL.md §2: port 7001).
@@ -46,6 +50,10 @@ pub const DEFAULT_FIRST_FRAME_MS: u64 = 0;
 pub const DEFAULT_FRAME_INTERVAL_MS: u64 = 5;
 /// Default idle time before an unpinned model is evicted, in seconds.
 pub const DEFAULT_MODEL_TTL_SECS: f64 = 600.0;
+/// Default time a session may go without a Synthesize call before it expires, in seconds.
+pub const DEFAULT_SESSION_IDLE_SECS: f64 = 60.0;
+/// Default longest wait for open syntheses after SIGTERM, in seconds.
+pub const DEFAULT_DRAIN_SECS: f64 = 30.0;
 
 /// Flags of `duplex worker`.
 #[derive(Debug, Clone, clap::Args)]
@@ -98,6 +106,24 @@ pub struct WorkerArgs {
     /// Registry key prefix (the key is prefix + name).
     #[arg(long, default_value = "worker:")]
     pub registry_prefix: String,
+    /// File holding a shared secret: every `tts.TTSService` and reflection call must then
+    /// carry `authorization: Bearer <secret>` (health stays open for probes).
+    #[arg(long, env = "DUPLEX_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<std::path::PathBuf>,
+    /// Serve LoadModel / UnloadModel (refused with PERMISSION_DENIED otherwise): they evict
+    /// models other sessions rely on, so only trusted operators should have them.
+    #[arg(long)]
+    pub allow_model_management: bool,
+    /// Speak any model id outside the catalogue with the mock (the Python worker's "mock
+    /// mode"); by default such ids are refused as unknown models.
+    #[arg(long)]
+    pub mock_any_model: bool,
+    /// A session with no Synthesize call open for this many seconds expires.
+    #[arg(long, default_value_t = DEFAULT_SESSION_IDLE_SECS)]
+    pub session_idle_secs: f64,
+    /// On SIGTERM, wait this many seconds at most for open syntheses to finish.
+    #[arg(long, default_value_t = DEFAULT_DRAIN_SECS)]
+    pub drain_secs: f64,
 }
 
 impl Default for WorkerArgs {
@@ -119,17 +145,33 @@ impl Default for WorkerArgs {
             advertise: None,
             registry_ttl: 30,
             registry_prefix: "worker:".to_owned(),
+            worker_token_file: None,
+            allow_model_management: false,
+            mock_any_model: false,
+            session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
+            drain_secs: DEFAULT_DRAIN_SECS,
         }
     }
+}
+
+/// Seconds from a flag: finite, positive (or zero when `zero_ok`), at most ~31 years.
+fn seconds(flag: &str, value: f64, zero_ok: bool) -> anyhow::Result<Duration> {
+    let ok = value.is_finite() && value <= 1e9 && (value > 0.0 || (zero_ok && value == 0.0));
+    if !ok {
+        let what = if zero_ok { "non-negative" } else { "positive" };
+        anyhow::bail!("{flag} must be a {what} number of seconds, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 impl WorkerArgs {
     /// Validates the flags and looks for espeak-ng (a missing one is not an error: the
     /// worker then speaks with the mock only, and says so).
     fn service_config(&self) -> anyhow::Result<ServiceConfig> {
-        let ttl = self.model_ttl_secs;
-        if !ttl.is_finite() || !(0.0..=1e9).contains(&ttl) {
-            anyhow::bail!("--model-ttl-secs must be a non-negative number of seconds, got {ttl}");
+        let ttl = seconds("--model-ttl-secs", self.model_ttl_secs, true)?;
+        let session_idle = seconds("--session-idle-secs", self.session_idle_secs, false)?;
+        if self.max_sessions == 0 {
+            anyhow::bail!("--max-sessions must be at least 1");
         }
         if self.max_resident_models == 0 {
             anyhow::bail!("--max-resident-models must be at least 1");
@@ -170,10 +212,26 @@ impl WorkerArgs {
             models: ManagerConfig {
                 default_model: self.default_model.clone(),
                 preload: self.preload.clone(),
-                ttl: (ttl > 0.0).then(|| Duration::from_secs_f64(ttl)),
+                ttl: (!ttl.is_zero()).then_some(ttl),
                 max_resident: self.max_resident_models,
+                mock_any_model: self.mock_any_model,
             },
             espeak,
+            session_idle,
+            allow_model_management: self.allow_model_management,
+        })
+    }
+
+    /// The serving options: the token file read now, so a bad one stops the start-up.
+    fn serve_options(&self) -> anyhow::Result<ServeOptions> {
+        let token = match &self.worker_token_file {
+            Some(path) => Some(WorkerToken::from_file(path)?),
+            None => None,
+        };
+        Ok(ServeOptions {
+            token,
+            drain: seconds("--drain-secs", self.drain_secs, true)?,
+            max_concurrent_streams: ServeOptions::streams_for(self.max_sessions),
         })
     }
 }
@@ -216,10 +274,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the worker runtime")
 }
 
-/// Runs the worker until SIGINT or SIGTERM, then shuts down gracefully (GOAWAY, open calls
-/// get a short grace period) and returns `Ok(())`.
+/// Runs the worker until SIGINT or SIGTERM, then drains (health NOT_SERVING, registry record
+/// deleted, new sessions refused, open syntheses finish within `--drain-secs`) and returns
+/// `Ok(())`.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.service_config()?;
+    let options = args.serve_options()?;
     let rt = runtime()?;
     rt.block_on(async move {
         // Order matters: signal handlers first, so a SIGTERM that arrives as soon as the port
@@ -230,20 +290,23 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let listener = TcpListener::from_std(bind(&args.listen)?)
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        service.spawn_eviction();
+        service.spawn_maintenance();
         info!(
             name = %args.name,
             default_model = %service.models().default_model(),
+            token = options.token.is_some(),
             "worker listening on {addr}"
         );
         let registration = register(&args, addr, &service)?;
-        serve(listener, service, ServerConfig::default(), shutdown).await;
-        if let Some(r) = registration {
-            // Deleting the record tells orchestrators at once instead of after the TTL.
-            if let Err(e) = r.shutdown().await {
-                tracing::warn!(error = %e, "could not delete the registry record");
+        let deregister = async move {
+            if let Some(r) = registration {
+                // Deleting the record tells orchestrators at once instead of after the TTL.
+                if let Err(e) = r.shutdown().await {
+                    tracing::warn!(error = %e, "could not delete the registry record");
+                }
             }
-        }
+        };
+        server::serve(listener, service, options, shutdown, deregister).await?;
         info!("worker stopped");
         anyhow::Ok(())
     })?;
@@ -312,7 +375,8 @@ impl WorkerHandle {
         self.addr
     }
 
-    /// Stops the worker and waits for its thread (bounded by the server's shutdown grace).
+    /// Stops the worker and waits for its thread (bounded by the drain time and the close
+    /// grace).
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -343,6 +407,7 @@ pub fn spawn(args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
     let rt = runtime()?;
     // Models first, so the worker answers as soon as its port accepts.
     let service = Arc::new(rt.block_on(TtsService::start(config))?);
+    let options = args.serve_options()?;
     let std_listener = bind(&args.listen)?;
     let addr = std_listener.local_addr()?;
     let listener = {
@@ -356,12 +421,14 @@ pub fn spawn(args: WorkerArgs) -> anyhow::Result<WorkerHandle> {
         .name("duplex-worker".into())
         .spawn(move || {
             rt.block_on(async move {
-                service.spawn_eviction();
+                service.spawn_maintenance();
                 info!(name = %name, "worker listening on {addr}");
-                serve(listener, service, ServerConfig::default(), async {
+                let stop = async {
                     let _ = stop_rx.await;
-                })
-                .await;
+                };
+                if let Err(e) = server::serve(listener, service, options, stop, async {}).await {
+                    tracing::error!("worker failed: {e:#}");
+                }
             });
             rt.shutdown_timeout(Duration::from_secs(1));
         })

@@ -1,9 +1,17 @@
 //! The worker's model manager: which models exist, which are resident, who uses them, and
 //! when an idle one is evicted.
 //!
-//! Models are ids. `espeak-*` ids are the installed espeak-ng voices (listed at start-up);
-//! every other id is the mock engine (PROTOCOL.md §2: "any unknown id in mock mode"), so the
-//! orchestrator's tests and benchmarks keep their 440 Hz voice.
+//! Models are ids, and the catalogue is fixed when the worker starts: `mock-440hz` plus the
+//! installed espeak-ng voices (`espeak-*`, listed at start-up). Nothing a client sends ever
+//! adds an entry: an earlier version made every unknown StartSession id a new resident mock
+//! model, so seven made-up ids filled all eight resident slots and a few hundred long ids grew
+//! ListModels to megabytes, and showed every client the ids other clients had typed.
+//! Ids resolve ([`ModelManager::canonical`]) as follows: a catalogued id is itself; any other
+//! id starting with `mock` is an alias of the one mock model (the orchestrator's tests and
+//! benchmarks keep their 440 Hz voice under any `mock-*` name); with `--mock-any-model` every
+//! unknown id is that alias too (PROTOCOL.md §2's "any unknown id in mock mode", off by
+//! default); everything else is refused as an unknown model. Ids longer than
+//! [`MAX_MODEL_ID_BYTES`] are refused before any lookup.
 //!
 //! Lifecycle, and why each rule exists:
 //! - **Loading** makes a model resident. For espeak that means a warm-up synthesis (proves
@@ -31,7 +39,12 @@ use super::espeak::{Espeak, Voice, VoiceRuntime, MODEL_PREFIX};
 use crate::proto::{LoadModelResponse, ModelInfo, UnloadModelResponse};
 
 /// The model of sessions that name none, unless `--default-model` says otherwise.
-pub const DEFAULT_MODEL: &str = "mock-440hz";
+pub const DEFAULT_MODEL: &str = MOCK_MODEL;
+/// The one mock model of the catalogue; every `mock*` id is an alias of it.
+pub const MOCK_MODEL: &str = "mock-440hz";
+/// Longest model id accepted anywhere (StartSession, LoadModel, UnloadModel, flags): real ids
+/// are short, and a bound keeps error messages that echo the id small.
+pub const MAX_MODEL_ID_BYTES: usize = 128;
 /// Languages the mock claims (it says "beep" in any language; English, like the system we
 /// replace).
 pub const MOCK_LANGUAGES: &[&str] = &["en"];
@@ -124,9 +137,15 @@ pub enum ModelError {
     /// UnloadModel of a catalogued model that is not resident.
     #[error("{0} is not loaded")]
     NotLoaded(String),
-    /// UnloadModel of an id never seen.
-    #[error("unknown model {0:?}")]
+    /// An id that is not in the catalogue and is no alias of a catalogued model.
+    #[error(
+        "unknown model {0:?}: this worker has mock-440hz (alias: any mock-* id) and its \
+         installed espeak-ng voices (see ListModels)"
+    )]
     Unknown(String),
+    /// An id longer than [`MAX_MODEL_ID_BYTES`] (not echoed back).
+    #[error("model id of {0} bytes refused: at most 128 bytes")]
+    TooLong(usize),
 }
 
 /// Model-manager settings (from the worker's flags).
@@ -140,6 +159,9 @@ pub struct ManagerConfig {
     pub ttl: Option<Duration>,
     /// Most resident models at once (at least 1).
     pub max_resident: usize,
+    /// `--mock-any-model`: ids outside the catalogue speak with the mock instead of being
+    /// refused (still one catalogue entry, never a new one).
+    pub mock_any_model: bool,
 }
 
 impl Default for ManagerConfig {
@@ -149,6 +171,7 @@ impl Default for ManagerConfig {
             preload: Vec::new(),
             ttl: Some(DEFAULT_TTL),
             max_resident: DEFAULT_MAX_RESIDENT,
+            mock_any_model: false,
         }
     }
 }
@@ -253,7 +276,7 @@ impl ModelManager {
         let mut state = State::default();
         state
             .models
-            .insert(DEFAULT_MODEL.to_owned(), Model::new(Engine::Mock));
+            .insert(MOCK_MODEL.to_owned(), Model::new(Engine::Mock));
         if let Some(e) = &espeak {
             for v in e.voices() {
                 state
@@ -278,6 +301,7 @@ impl ModelManager {
         let mut ids = vec![self.config.default_model.clone()];
         ids.extend(self.config.preload.iter().cloned());
         for id in ids {
+            let id = self.canonical(&id)?;
             let took = self.load_resident(&id, true).await?;
             tracing::info!(model = %id, load_ms = millis(took), "model loaded");
         }
@@ -299,29 +323,30 @@ impl ModelManager {
         self.espeak.is_some()
     }
 
-    /// `id`, or the default model for an empty id.
-    pub fn resolve_id<'a>(&'a self, id: &'a str) -> &'a str {
-        if id.is_empty() {
-            &self.config.default_model
+    /// The catalogue id that speaks for `id` (the default model for an empty id; see the
+    /// module docs for aliases), or why there is none. Never adds to the catalogue.
+    pub fn canonical(&self, id: &str) -> Result<String, ModelError> {
+        let id = if id.is_empty() {
+            self.config.default_model.as_str()
         } else {
             id
+        };
+        if id.len() > MAX_MODEL_ID_BYTES {
+            return Err(ModelError::TooLong(id.len()));
         }
-    }
-
-    /// Which engine speaks for `id` (after [`ModelManager::resolve_id`]).
-    pub fn engine_for(&self, id: &str) -> Result<Engine, ModelError> {
         if id.trim().is_empty() {
             return Err(ModelError::MissingId);
         }
-        if !id.starts_with(MODEL_PREFIX) {
-            return Ok(Engine::Mock);
+        if self.lock().models.contains_key(id) {
+            return Ok(id.to_owned());
         }
-        let Some(espeak) = &self.espeak else {
-            return Err(ModelError::EngineMissing(id.to_owned()));
-        };
-        match espeak.voice(id) {
-            Some(v) => Ok(Engine::Espeak(v.clone())),
-            None => Err(ModelError::UnknownVoice {
+        if id.starts_with(MODEL_PREFIX) {
+            // Refused even with --mock-any-model: an espeak id speaking as a sine would hide
+            // a typo or a missing voice.
+            let Some(espeak) = &self.espeak else {
+                return Err(ModelError::EngineMissing(id.to_owned()));
+            };
+            return Err(ModelError::UnknownVoice {
                 id: id.to_owned(),
                 examples: ["espeak-en-us", "espeak-en-gb", "espeak-de"]
                     .iter()
@@ -331,8 +356,22 @@ impl ModelManager {
                     .take(3)
                     .collect::<Vec<_>>()
                     .join(", "),
-            }),
+            });
         }
+        if id.starts_with("mock") || self.config.mock_any_model {
+            return Ok(MOCK_MODEL.to_owned());
+        }
+        Err(ModelError::Unknown(id.to_owned()))
+    }
+
+    /// Which engine speaks for `id` (any id [`ModelManager::canonical`] accepts).
+    pub fn engine_for(&self, id: &str) -> Result<Engine, ModelError> {
+        let id = self.canonical(id)?;
+        self.lock()
+            .models
+            .get(&id)
+            .map(|m| m.engine.clone())
+            .ok_or(ModelError::Unknown(id))
     }
 
     /// The catalogue entry's runtime (created on first use), for espeak models.
@@ -350,13 +389,12 @@ impl ModelManager {
     /// Makes `id` resident (warm-up outside the lock, then the cap); `pin` keeps it there.
     /// Returns the load time (zero when it already was resident).
     async fn load_resident(&self, id: &str, pin: bool) -> Result<Duration, ModelError> {
-        let engine = self.engine_for(id)?;
         let runtime = {
             let mut st = self.lock();
             let m = st
                 .models
-                .entry(id.to_owned())
-                .or_insert_with(|| Model::new(engine.clone()));
+                .get_mut(id)
+                .ok_or_else(|| ModelError::Unknown(id.to_owned()))?;
             if m.resident {
                 m.pinned |= pin;
                 m.last_used = Instant::now();
@@ -406,6 +444,17 @@ impl ModelManager {
         if model_id.trim().is_empty() {
             return fail(ModelError::MissingId);
         }
+        let asked = model_id;
+        let model_id = match self.canonical(asked) {
+            Ok(id) => id,
+            Err(e) => return fail(e),
+        };
+        let model_id = model_id.as_str();
+        let alias = if asked == model_id {
+            String::new()
+        } else {
+            format!(" ({asked} is an alias of {model_id})")
+        };
         let already = self
             .lock()
             .models
@@ -418,7 +467,7 @@ impl ModelManager {
         if let Some(ms) = already {
             return LoadModelResponse {
                 success: true,
-                message: format!("{model_id} is already loaded"),
+                message: format!("{model_id} is already loaded{alias}"),
                 load_duration_ms: ms,
             };
         }
@@ -426,7 +475,7 @@ impl ModelManager {
             return match self.preload_only(model_id).await {
                 Ok((family, took)) => LoadModelResponse {
                     success: true,
-                    message: format!("{model_id} preloaded ({family} engine), not resident"),
+                    message: format!("{model_id} preloaded ({family} engine), not resident{alias}"),
                     load_duration_ms: millis(took),
                 },
                 Err(e) => fail(e),
@@ -437,7 +486,7 @@ impl ModelManager {
                 let family = self.engine_for(model_id).map_or("?", |e| e.family());
                 LoadModelResponse {
                     success: true,
-                    message: format!("{model_id} loaded ({family} engine)"),
+                    message: format!("{model_id} loaded ({family} engine){alias}"),
                     load_duration_ms: millis(took),
                 }
             }
@@ -446,14 +495,13 @@ impl ModelManager {
     }
 
     async fn preload_only(&self, id: &str) -> Result<(&'static str, Duration), ModelError> {
-        let engine = self.engine_for(id)?;
-        let runtime = {
+        let (engine, runtime) = {
             let mut st = self.lock();
             let m = st
                 .models
-                .entry(id.to_owned())
-                .or_insert_with(|| Model::new(engine.clone()));
-            self.runtime_of(m)
+                .get_mut(id)
+                .ok_or_else(|| ModelError::Unknown(id.to_owned()))?;
+            (m.engine.clone(), self.runtime_of(m))
         };
         let started = Instant::now();
         if let Some(rt) = runtime {
@@ -485,6 +533,8 @@ impl ModelManager {
         if id.trim().is_empty() {
             return Err(ModelError::MissingId);
         }
+        let id = self.canonical(id)?;
+        let id = id.as_str();
         let mut st = self.lock();
         let m = st
             .models
@@ -506,7 +556,7 @@ impl ModelManager {
     /// A session starts using `id` (empty: the default): loads it if needed and takes a
     /// reference. Returns the resolved id, which [`ModelManager::release`] must get back.
     pub async fn acquire(&self, id: &str) -> Result<String, ModelError> {
-        let id = self.resolve_id(id).to_owned();
+        let id = self.canonical(id)?;
         // A model can be evicted between our load and our reference (TTL tick, cap): retry.
         for _ in 0..3 {
             {
@@ -535,13 +585,12 @@ impl ModelManager {
 
     /// The engine a synthesis of `id` uses; marks the model as just used.
     pub fn handle(&self, id: &str) -> Result<EngineHandle, ModelError> {
-        let id = self.resolve_id(id).to_owned();
-        let engine = self.engine_for(&id)?;
+        let id = self.canonical(id)?;
         let mut st = self.lock();
         let m = st
             .models
-            .entry(id)
-            .or_insert_with(|| Model::new(engine.clone()));
+            .get_mut(&id)
+            .ok_or(ModelError::Unknown(id.clone()))?;
         m.last_used = Instant::now();
         Ok(match self.runtime_of(m) {
             Some(rt) => EngineHandle::Espeak(rt),
@@ -666,14 +715,31 @@ impl ModelManager {
     pub fn refs(&self, id: &str) -> usize {
         self.lock().models.get(id).map_or(0, |m| m.refs)
     }
+
+    /// A manager whose catalogue also has mock-engine entries `ids`: the lifecycle rules
+    /// (LRU, TTL, pins) need several models, and without espeak-ng the real catalogue has one.
+    #[cfg(test)]
+    fn with_test_models(config: ManagerConfig, ids: &[&str]) -> ModelManager {
+        let m = ModelManager::new(config, None);
+        for id in ids {
+            m.lock()
+                .models
+                .insert((*id).to_owned(), Model::new(Engine::Mock));
+        }
+        m
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The lifecycle tests' catalogue: the mock plus mock-engine entries standing in for
+    /// voices (see [`ModelManager::with_test_models`]).
+    const EXTRA: &[&str] = &["m-1", "m-2", "m-3", "m-4", "m-fast", "m-p", "m-q"];
+
     fn manager(config: ManagerConfig) -> ModelManager {
-        ModelManager::new(config, None)
+        ModelManager::with_test_models(config, EXTRA)
     }
 
     async fn started(config: ManagerConfig) -> ModelManager {
@@ -684,7 +750,8 @@ mod tests {
 
     #[tokio::test]
     async fn default_model_is_resident_and_pinned() {
-        let m = started(ManagerConfig::default()).await;
+        let m = ModelManager::new(ManagerConfig::default(), None);
+        m.start().await.unwrap();
         assert_eq!(m.resident(), vec![DEFAULT_MODEL.to_owned()]);
         let list = m.list();
         assert_eq!(list.len(), 1);
@@ -699,48 +766,98 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn client_ids_never_grow_the_catalogue() {
+        let m = ModelManager::new(ManagerConfig::default(), None);
+        m.start().await.unwrap();
+        // Aliases of the one mock model: same entry, same references.
+        for alias in ["mock-x", "mock", "mock-fast", "mockingbird"] {
+            assert_eq!(m.acquire(alias).await.unwrap(), MOCK_MODEL);
+        }
+        assert_eq!(m.refs(MOCK_MODEL), 4);
+        let r = m.load("mock-special", false).await;
+        assert!(
+            r.success && r.message.contains("alias of mock-440hz"),
+            "{r:?}"
+        );
+        // Unknown ids are refused, long ones without echoing them.
+        let e = m.acquire("piper-en-us").await.unwrap_err();
+        assert!(
+            e.to_string().starts_with("unknown model \"piper-en-us\""),
+            "{e}"
+        );
+        assert!(!m.load("piper-en-us", false).await.success);
+        assert!(!m.load("piper-en-us", true).await.success);
+        let long = "x".repeat(MAX_MODEL_ID_BYTES + 1);
+        let e = m.acquire(&long).await.unwrap_err();
+        assert_eq!(e, ModelError::TooLong(129));
+        assert!(!e.to_string().contains("xxx"));
+        let long_mock = format!("mock-{}", "y".repeat(200));
+        assert_eq!(m.acquire(&long_mock).await, Err(ModelError::TooLong(205)));
+        assert_eq!(m.list().len(), 1, "still only the catalogue");
+        assert_eq!(m.resident(), vec![MOCK_MODEL.to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn mock_any_model_maps_unknown_ids_to_the_one_mock() {
+        let m = ModelManager::new(
+            ManagerConfig {
+                mock_any_model: true,
+                ..ManagerConfig::default()
+            },
+            None,
+        );
+        m.start().await.unwrap();
+        assert_eq!(m.acquire("piper-en-us").await.unwrap(), MOCK_MODEL);
+        assert_eq!(m.engine_for("xtts"), Ok(Engine::Mock));
+        // espeak ids stay errors: a sine would hide a typo.
+        assert!(m.acquire("espeak-en-us").await.is_err());
+        assert!(m.acquire(&"z".repeat(129)).await.is_err());
+        assert_eq!(m.list().len(), 1);
+    }
+
+    #[tokio::test]
     async fn load_unload_cycle() {
         let m = started(ManagerConfig::default()).await;
-        let r = m.load("mock-fast", false).await;
+        let r = m.load("m-fast", false).await;
         assert!(r.success, "{}", r.message);
         assert!(r.load_duration_ms >= 0);
         assert_eq!(
             m.resident(),
-            vec!["mock-440hz".to_owned(), "mock-fast".to_owned()]
+            vec!["m-fast".to_owned(), "mock-440hz".to_owned()]
         );
-        assert!(m.load("mock-fast", false).await.success); // already loaded: still fine
-        assert!(m.unload("mock-fast").success);
-        let again = m.unload("mock-fast");
+        assert!(m.load("m-fast", false).await.success); // already loaded: still fine
+        assert!(m.unload("m-fast").success);
+        let again = m.unload("m-fast");
         assert!(!again.success);
         assert!(again.message.contains("not loaded"));
-        assert_eq!(m.list().len(), 2); // still catalogued
+        assert_eq!(m.list().len(), 1 + EXTRA.len()); // still catalogued
         assert!(!m.unload("never-seen").success);
         assert!(!m.load("", false).await.success);
         assert_eq!(m.metrics()[3], ("model_evictions_total", 0.0));
     }
 
     #[tokio::test]
-    async fn preload_catalogues_without_making_resident() {
+    async fn preload_only_does_not_make_resident() {
         let m = started(ManagerConfig::default()).await;
-        assert!(m.load("mock-x", true).await.success);
+        assert!(m.load("m-1", true).await.success);
         assert_eq!(m.resident(), vec![DEFAULT_MODEL.to_owned()]);
-        let info = m
-            .list()
-            .into_iter()
-            .find(|i| i.model_id == "mock-x")
-            .unwrap();
+        let info = m.list().into_iter().find(|i| i.model_id == "m-1").unwrap();
         assert!(!info.is_loaded);
     }
 
     #[tokio::test]
     async fn ids_choose_their_engine() {
-        let m = manager(ManagerConfig::default());
+        let m = ModelManager::new(ManagerConfig::default(), None);
         assert_eq!(m.engine_for("mock-440hz"), Ok(Engine::Mock));
-        assert_eq!(m.engine_for("piper-en-us"), Ok(Engine::Mock));
-        assert_eq!(m.engine_for(""), Err(ModelError::MissingId));
+        assert_eq!(m.engine_for("mock-other"), Ok(Engine::Mock));
+        assert_eq!(
+            m.engine_for("piper-en-us"),
+            Err(ModelError::Unknown("piper-en-us".into()))
+        );
+        assert_eq!(m.engine_for(" "), Err(ModelError::MissingId));
         let e = m.engine_for("espeak-en-us").unwrap_err();
         assert!(e.to_string().contains("apt-get install espeak-ng"), "{e}");
-        assert_eq!(m.resolve_id(""), DEFAULT_MODEL);
+        assert_eq!(m.canonical("").unwrap(), DEFAULT_MODEL);
         assert!(matches!(m.handle(""), Ok(EngineHandle::Mock)));
     }
 
@@ -751,23 +868,23 @@ mod tests {
             ..ManagerConfig::default()
         })
         .await;
-        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
-        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
-        assert_eq!(m.refs("mock-a"), 2);
-        let r = m.unload("mock-a");
+        assert_eq!(m.acquire("m-1").await.unwrap(), "m-1");
+        assert_eq!(m.acquire("m-1").await.unwrap(), "m-1");
+        assert_eq!(m.refs("m-1"), 2);
+        let r = m.unload("m-1");
         assert!(!r.success);
         assert!(r.message.contains("in use by 2"), "{}", r.message);
         let later = Instant::now() + Duration::from_secs(60);
         assert!(m.evict_idle(later).is_empty(), "in use: not evicted");
-        m.release("mock-a");
+        m.release("m-1");
         assert!(m.evict_idle(later).is_empty(), "still one reference");
-        m.release("mock-a");
-        assert_eq!(m.refs("mock-a"), 0);
+        m.release("m-1");
+        assert_eq!(m.refs("m-1"), 0);
         assert!(
             m.evict_idle(Instant::now()).is_empty(),
             "not idle long enough yet"
         );
-        assert_eq!(m.evict_idle(later), vec!["mock-a".to_owned()]);
+        assert_eq!(m.evict_idle(later), vec!["m-1".to_owned()]);
         assert_eq!(
             m.resident(),
             vec![DEFAULT_MODEL.to_owned()],
@@ -775,8 +892,8 @@ mod tests {
         );
         assert_eq!(m.metrics()[3], ("model_evictions_total", 1.0));
         // acquire of an evicted model loads it again.
-        assert_eq!(m.acquire("mock-a").await.unwrap(), "mock-a");
-        assert!(m.resident().contains(&"mock-a".to_owned()));
+        assert_eq!(m.acquire("m-1").await.unwrap(), "m-1");
+        assert!(m.resident().contains(&"m-1".to_owned()));
         assert_eq!(m.acquire("").await.unwrap(), DEFAULT_MODEL);
     }
 
@@ -787,22 +904,22 @@ mod tests {
             ..ManagerConfig::default()
         })
         .await;
-        assert!(m.load("mock-1", false).await.success);
-        assert!(m.load("mock-2", false).await.success);
-        // Touch mock-1 so mock-2 is the least recently used.
-        assert!(m.load("mock-1", false).await.success);
-        assert!(m.load("mock-3", false).await.success);
+        assert!(m.load("m-1", false).await.success);
+        assert!(m.load("m-2", false).await.success);
+        // Touch m-1 so m-2 is the least recently used.
+        assert!(m.load("m-1", false).await.success);
+        assert!(m.load("m-3", false).await.success);
         assert_eq!(
             m.resident(),
-            vec!["mock-1", "mock-3", "mock-440hz"]
+            vec!["m-1", "m-3", "mock-440hz"]
                 .into_iter()
                 .map(String::from)
                 .collect::<Vec<_>>()
         );
         // With every slot in use or pinned, a load fails with a clear reason.
-        m.acquire("mock-1").await.unwrap();
-        m.acquire("mock-3").await.unwrap();
-        let r = m.load("mock-4", false).await;
+        m.acquire("m-1").await.unwrap();
+        m.acquire("m-3").await.unwrap();
+        let r = m.load("m-4", false).await;
         assert!(!r.success);
         assert!(r.message.contains("--max-resident-models"), "{}", r.message);
         assert_eq!(m.resident().len(), 3);
@@ -811,32 +928,31 @@ mod tests {
     #[tokio::test]
     async fn preloads_are_pinned_and_ttl_can_be_off() {
         let m = started(ManagerConfig {
-            preload: vec!["mock-p".into()],
+            preload: vec!["m-p".into()],
             ttl: None,
             ..ManagerConfig::default()
         })
         .await;
         assert_eq!(m.resident().len(), 2);
         assert_eq!(m.eviction_interval(), None);
-        assert!(m.load("mock-q", false).await.success);
+        assert!(m.load("m-q", false).await.success);
         assert!(m
             .evict_idle(Instant::now() + Duration::from_secs(1 << 20))
             .is_empty());
-        let info = m
-            .list()
-            .into_iter()
-            .find(|i| i.model_id == "mock-p")
-            .unwrap();
+        let info = m.list().into_iter().find(|i| i.model_id == "m-p").unwrap();
         assert_eq!(info.metadata["pinned"], "true");
-        assert!(m.unload("mock-p").success, "explicit unload still works");
+        assert!(m.unload("m-p").success, "explicit unload still works");
     }
 
     #[tokio::test]
     async fn a_default_espeak_model_without_espeak_fails_to_start() {
-        let m = manager(ManagerConfig {
-            default_model: "espeak-en-us".into(),
-            ..ManagerConfig::default()
-        });
+        let m = ModelManager::new(
+            ManagerConfig {
+                default_model: "espeak-en-us".into(),
+                ..ManagerConfig::default()
+            },
+            None,
+        );
         let e = m.start().await.unwrap_err();
         assert_eq!(e, ModelError::EngineMissing("espeak-en-us".into()));
     }

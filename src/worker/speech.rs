@@ -33,9 +33,10 @@ use super::metrics::WorkerMetrics;
 use super::resample::{Framer, StreamResampler};
 use super::session::{ControlState, SynthesisRegistration};
 use super::stamp::FrameStamp;
+use super::stream::{RequestStream, ResponseSender};
 use super::wav::WavReader;
-use crate::grpc::{RequestStream, ResponseSender, Status};
 use crate::proto::{AudioFrame, TextChunk};
+use tonic::Status;
 
 /// Frames the engine may run ahead of what was sent (0.5 s): bounds memory per call and how
 /// much is already synthesised when a PAUSE arrives.
@@ -74,7 +75,7 @@ pub async fn run(
     loop {
         if control.stopped {
             s.stamp.idle();
-            responses.send(&s.stamp.end_marker()).await?;
+            responses.send(s.stamp.end_marker()).await?;
             break;
         }
         if s.job.is_none() {
@@ -86,7 +87,7 @@ pub async fn run(
         if !more_coming && s.ready.is_empty() {
             s.stamp.idle();
             // The last frame went out before we knew it was last: close with a marker.
-            responses.send(&s.stamp.end_marker()).await?;
+            responses.send(s.stamp.end_marker()).await?;
             break;
         }
         // Hold a clause's last frame while its process may still add to it.
@@ -108,14 +109,14 @@ pub async fn run(
                 }
                 control = *registration.control.borrow_and_update();
             }
-            chunk = requests.message::<TextChunk>(), if s.input_open => match chunk? {
+            chunk = requests.message(), if s.input_open => match chunk? {
                 Some(chunk) => s.add_chunk(&chunk),
                 None => s.close_input(),
             },
             () = std::future::ready(()), if sendable => {
                 let frame = s.next_frame();
                 let last = frame.is_final;
-                responses.send(&frame).await?;
+                responses.send(frame).await?;
                 if last {
                     s.stamp.idle();
                     break;

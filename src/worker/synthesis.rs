@@ -1,12 +1,15 @@
 //! One Synthesize call: text chunks in, 20 ms audio frames out, as they are produced.
 //!
-//! [`run`] validates the call (first chunk, session), registers it for Control, and hands it
-//! to the session model's engine: the mock loop below, or [`super::speech`] for espeak-ng.
+//! [`prepare`] validates the call (first chunk, session of this connection) and registers it
+//! for Control; it runs in the handler, so a refused call is a plain error status before any
+//! response header. [`run`] then hands it to the session model's engine: the mock loop below,
+//! or [`super::speech`] for espeak-ng.
 //!
 //! The mock loop multiplexes three event sources with `select!`: new text chunks (synthesis
 //! starts on each as it arrives, no waiting for `is_final`), control changes (PAUSE / RESUME /
-//! STOP of this call), and the frame clock. Because the server drops this future when the
-//! client resets the stream or the deadline passes, a cancelled call stops producing at once.
+//! STOP of this call), and the frame clock. Because the response stream owns this future (see
+//! [`super::stream`]), a call the client resets or whose deadline passes stops producing at
+//! once.
 //!
 //! Frame rules (PROTOCOL.md §2): `sequence_number` 1..N, `session_id` echoed, exactly one
 //! `is_final` frame, the last: it carries audio when we know it is the last frame (input
@@ -18,10 +21,11 @@ use tokio::time::Instant;
 use super::metrics::WorkerMetrics;
 use super::mock::{frames_for_text, MockTiming, SineGenerator};
 use super::models::{EngineHandle, ModelManager};
-use super::session::{ControlState, SessionRegistry, SynthesisRegistration};
+use super::session::{ConnId, ControlState, SessionRegistry, SynthesisRegistration};
 use super::stamp::FrameStamp;
-use crate::grpc::{Code, RequestStream, ResponseSender, Status};
+use super::stream::{RequestStream, ResponseSender};
 use crate::proto::{AudioFrame, TextChunk};
+use tonic::Status;
 
 /// What a synthesis needs from the worker.
 pub struct SynthesisContext<'a> {
@@ -35,12 +39,20 @@ pub struct SynthesisContext<'a> {
     pub timing: MockTiming,
 }
 
-/// Runs a Synthesize call to completion.
-pub async fn run(
-    ctx: SynthesisContext<'_>,
-    mut requests: RequestStream,
-    mut responses: ResponseSender,
-) -> Result<(), Status> {
+/// A validated call, registered with its session, waiting to run.
+pub struct Prepared {
+    first: TextChunk,
+    registration: SynthesisRegistration,
+    engine: EngineHandle,
+}
+
+/// Reads the first chunk and checks the call: a session id (INVALID_ARGUMENT without), a
+/// session of *this* connection (NOT_FOUND otherwise), a model that can speak.
+pub async fn prepare(
+    ctx: &SynthesisContext<'_>,
+    conn: ConnId,
+    requests: &mut RequestStream,
+) -> Result<Prepared, Status> {
     let first: TextChunk = requests.message().await?.ok_or_else(|| {
         Status::invalid_argument("Synthesize: the stream ended before the first TextChunk")
     })?;
@@ -49,9 +61,9 @@ pub async fn run(
             "Synthesize: the first TextChunk must carry a session_id",
         ));
     }
-    let mut registration = ctx
+    let registration = ctx
         .sessions
-        .begin_synthesis(&first.session_id)
+        .begin_synthesis(conn, &first.session_id)
         .ok_or_else(|| {
             Status::not_found(format!(
                 "Synthesize: unknown session {:?} (call StartSession first)",
@@ -61,10 +73,26 @@ pub async fn run(
     let engine = ctx
         .models
         .handle(&registration.model_id)
-        .map_err(|e| Status::new(Code::FailedPrecondition, format!("Synthesize: {e}")))?;
-    // Accepted: answer with headers now, so the client sees the call is live even while the
-    // model works on its first frame.
-    responses.send_headers()?;
+        .map_err(|e| Status::failed_precondition(format!("Synthesize: {e}")))?;
+    Ok(Prepared {
+        first,
+        registration,
+        engine,
+    })
+}
+
+/// Runs a prepared Synthesize call to completion.
+pub async fn run(
+    ctx: SynthesisContext<'_>,
+    prepared: Prepared,
+    mut requests: RequestStream,
+    mut responses: ResponseSender,
+) -> Result<(), Status> {
+    let Prepared {
+        first,
+        mut registration,
+        engine,
+    } = prepared;
     let mut active = ctx.metrics.synthesis_started();
     tracing::debug!(
         session = %registration.session_id,
@@ -127,13 +155,13 @@ async fn run_mock(
     loop {
         if control.stopped {
             synth.stamp.idle();
-            responses.send(&synth.stamp.end_marker()).await?;
+            responses.send(synth.stamp.end_marker()).await?;
             break;
         }
         if !synth.input_open && synth.pending == 0 {
             synth.stamp.idle();
             // The last frame went out before we knew it was last: close with a marker.
-            responses.send(&synth.stamp.end_marker()).await?;
+            responses.send(synth.stamp.end_marker()).await?;
             break;
         }
         let producing = synth.pending > 0 && !control.paused;
@@ -159,14 +187,14 @@ async fn run_mock(
                     synth.next_due = synth.next_due.max(Instant::now());
                 }
             }
-            chunk = requests.message::<TextChunk>(), if synth.input_open => match chunk? {
+            chunk = requests.message(), if synth.input_open => match chunk? {
                 Some(chunk) => synth.add_chunk(&chunk),
                 None => synth.input_open = false,
             },
             () = wait_until(due), if producing => {
                 let frame = synth.next_frame();
                 let last = frame.is_final;
-                responses.send(&frame).await?;
+                responses.send(frame).await?;
                 if last {
                     synth.stamp.idle();
                     break;
