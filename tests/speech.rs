@@ -465,7 +465,7 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
 
 #[tokio::test]
 async fn models_load_list_and_unload_with_a_warm_process() {
-    let w = start("worker", &[]);
+    let w = start("worker", &["--allow-model-management"]);
     let client = w.client().await;
     let all = models(&client).await;
     assert!(all["mock-440hz"].is_loaded, "the default model is resident");
@@ -510,7 +510,7 @@ async fn models_load_list_and_unload_with_a_warm_process() {
 
 #[tokio::test]
 async fn references_are_counted_per_session() {
-    let w = start("worker", &[]);
+    let w = start("worker", &["--allow-model-management"]);
     let client = w.client().await;
     assert!(start_session(&client, "a", "espeak-en-gb").await.0);
     assert!(start_session(&client, "b", "espeak-en-gb").await.0);
@@ -541,7 +541,10 @@ async fn references_are_counted_per_session() {
 
 #[tokio::test]
 async fn idle_models_are_evicted_after_the_ttl_but_not_while_in_use() {
-    let w = start("worker", &["--model-ttl-secs", "1"]);
+    let w = start(
+        "worker",
+        &["--model-ttl-secs", "1", "--allow-model-management"],
+    );
     let client = w.client().await;
     let (ok, msg, _) = load(&client, "espeak-fr-fr").await;
     assert!(ok, "{msg}");
@@ -572,7 +575,13 @@ async fn idle_models_are_evicted_after_the_ttl_but_not_while_in_use() {
 async fn the_resident_cap_evicts_the_least_recently_used_model() {
     let w = start(
         "worker",
-        &["--max-resident-models", "3", "--preload", "espeak-en-us"],
+        &[
+            "--max-resident-models",
+            "3",
+            "--preload",
+            "espeak-en-us",
+            "--allow-model-management",
+        ],
     );
     let client = w.client().await;
     let resident = |c: TtsClient| async move {

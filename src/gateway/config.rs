@@ -185,7 +185,7 @@ pub struct Config {
     /// How long a drain lets sessions finish.
     pub drain: Duration,
     /// Secret sent to workers as gRPC `authorization` metadata.
-    pub worker_token: Option<String>,
+    pub worker_token: Option<crate::grpc::tts::WorkerAuth>,
     pub auth: super::auth::AuthArgs,
     pub limits: super::limits::LimitArgs,
     /// Skip the exclusive-port check (`--takeover`).
@@ -246,12 +246,10 @@ impl Config {
             )),
         };
         let worker_token = match &args.worker_token_file {
-            Some(path) => {
-                let secret = super::auth::read_secret(path, "--worker-token-file")?;
-                Some(String::from_utf8(secret).map_err(|_| {
-                    anyhow::anyhow!("--worker-token-file {} is not UTF-8 text", path.display())
-                })?)
-            }
+            Some(path) => Some(
+                crate::grpc::tts::WorkerAuth::from_file(path)
+                    .map_err(|e| anyhow::anyhow!("--worker-token-file: {e}"))?,
+            ),
             None => None,
         };
         let limits = args.limits.clone();

@@ -146,6 +146,7 @@ impl Core {
                 &shared.config.workers,
                 shared.discovery.clone(),
                 shared.book.clone(),
+                shared.config.worker_token.clone(),
             ),
             pacer: Pacer::new(shared.config.coalesce)?,
             json_arena: RefCell::new(BytesMut::new()),

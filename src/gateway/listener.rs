@@ -61,10 +61,9 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
         let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
         let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
     }
-    if let Ok(accepted) = tokio::time::timeout(Duration::from_secs(1), &mut accept).await {
-        if let Ok((stream, peer)) = accepted {
-            tokio_uring::spawn(conn::serve(core.clone(), sessions.clone(), stream, peer));
-        }
+    if let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::from_secs(1), &mut accept).await
+    {
+        tokio_uring::spawn(conn::serve(core.clone(), sessions.clone(), stream, peer));
     }
     drop(accept);
     drop(listener);

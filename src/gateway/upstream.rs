@@ -126,13 +126,17 @@ impl Upstream {
         statics: &[String],
         discovery: Option<Arc<Discovery>>,
         book: Arc<HealthBook>,
+        authorization: Option<crate::grpc::tts::WorkerAuth>,
     ) -> Self {
         let up = Self {
             targets: RefCell::new(Vec::new()),
             discovery,
             book,
             seen_version: Cell::new(0),
-            options: ClientOptions::default(),
+            options: ClientOptions {
+                authorization,
+                ..ClientOptions::default()
+            },
             picks: Cell::new(0),
             vanish_grace: VANISH_GRACE,
         };
@@ -423,7 +427,7 @@ pub async fn start_session(
         })?;
     if resp.success {
         Ok(())
-    } else if resp.message.to_ascii_lowercase().contains("unknown model") {
+    } else if resp.message.starts_with("unknown model") || resp.message.starts_with("model id of") {
         Err(StartError::UnknownModel)
     } else {
         Err(StartError::Refused(resp.message))

@@ -98,6 +98,14 @@ struct Inner {
     draining: AtomicBool,
 }
 
+impl Client {
+    /// True when both handles share one HTTP/2 connection (worker sessions are tied to the
+    /// connection that opened them, so a caller that reconnected must open its session again).
+    pub fn same_connection(&self, other: &Client) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")

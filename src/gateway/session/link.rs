@@ -30,12 +30,30 @@ pub struct Link {
     pub worker: Option<usize>,
     /// StartSession succeeded on `worker`.
     pub opened: bool,
+    /// The connection it succeeded on: the worker ties its sessions to their connection, so
+    /// after a reconnect the session must be opened again.
+    opened_on: Option<crate::grpc::TtsClient>,
     stream: Option<Stream>,
     /// Tasks to abort when the session ends.
     pub tasks: Vec<JoinHandle<()>>,
 }
 
 impl Link {
+    /// The worker session is open on `client`'s connection.
+    pub fn opened_on(&mut self, client: &crate::grpc::TtsClient) {
+        self.opened = true;
+        self.opened_on = Some(client.clone());
+    }
+
+    /// True when the worker session is open on `client`'s connection.
+    pub fn is_open_on(&self, client: &crate::grpc::TtsClient) -> bool {
+        self.opened
+            && self
+                .opened_on
+                .as_ref()
+                .is_some_and(|c| c.client().same_connection(client.client()))
+    }
+
     /// Begins utterance `generation`: its chunks wait until the stream opens.
     pub fn begin(&mut self, generation: u64, chunks: Vec<(String, bool)>, task: JoinHandle<()>) {
         self.cancel();
@@ -99,6 +117,7 @@ impl Link {
     /// returns the worker to release.
     pub fn forget(&mut self) -> Option<usize> {
         self.opened = false;
+        self.opened_on = None;
         self.worker.take()
     }
 }

@@ -560,11 +560,14 @@ impl Session {
             )
         };
         let client = upstream.client(worker).await.map_err(unavailable)?;
+        // After a reconnect the worker no longer has the session (it lives and dies with the
+        // connection that opened it): open it again.
+        let needs_start = needs_start || !self.link.borrow().is_open_on(&client);
         if needs_start {
             match upstream::start_session(&client, &self.id, &self.opts.model).await {
                 Ok(()) => {
                     upstream.mark_accepting(worker);
-                    self.link.borrow_mut().opened = true;
+                    self.link.borrow_mut().opened_on(&client);
                 }
                 Err(upstream::StartError::UnknownModel) => {
                     self.forget_worker();
