@@ -23,6 +23,27 @@ async fn worker_sessions(worker: &Worker) -> f64 {
     caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
 }
 
+/// True when a WebSocket upgrade to `addr` gets 101 (false on any error or other status).
+async fn upgrades(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1.1 101"))
+    };
+    tokio::time::timeout(WAIT, attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 #[tokio::test]
 async fn a_cold_burst_of_sessions_all_get_audio() {
     // A fresh orchestrator: no worker connection exists yet on any core when the burst comes.
@@ -166,6 +187,9 @@ async fn sigterm_drains_finishing_utterances_while_a_replacement_takes_the_port(
             .await;
     }
     c.read_frames(5, WAIT).await;
+    // The rolling restart: the replacement shares the port first (--takeover), then the old
+    // process gets SIGTERM.
+    let new = Server::serve_on(addr, &worker.url(), &["--takeover"]).await;
     old.proc.signal(libc::SIGTERM);
     // Readiness turns 503 while the session is still playing.
     let deadline = Instant::now() + WAIT;
@@ -177,9 +201,13 @@ async fn sigterm_drains_finishing_utterances_while_a_replacement_takes_the_port(
         assert!(Instant::now() < deadline, "readiness never went 503: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A replacement on the same address starts while the old one drains, and takes new
-    // sessions.
-    let new = Server::serve_on(addr, &worker.url(), &["--takeover"]).await;
+    // New sessions reach the replacement. (A connection the kernel had queued on the old
+    // listener as it closed is reset, docs/ARCHITECTURE.md "Drain"; such a client retries.)
+    let deadline = Instant::now() + WAIT;
+    while !upgrades(addr).await {
+        assert!(Instant::now() < deadline, "no process takes new sessions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut fresh = new.client("pacing=asap").await;
     fresh.say("New process.").await;
     fresh

@@ -67,8 +67,14 @@ async fn worker_sessions(worker: &Worker) -> f64 {
     caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
 }
 
+/// The value of `NAME_total{KEY="LABEL"}` in a Prometheus text scrape (0 when absent).
 fn counter(text: &str, name: &str, label: &str) -> f64 {
-    metric_sum(text, |n| n.starts_with(name) && n.contains(label)).unwrap_or(0.0)
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{name}_total{{")) && l.contains(&format!("=\"{label}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]

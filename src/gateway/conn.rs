@@ -81,12 +81,6 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, pe
     let refuse = |status: u16, body: &'static str| {
         handshake::response(status, "text/plain", body.as_bytes())
     };
-    if shared.is_draining() {
-        let _ = stream
-            .write_all(refuse(503, "server is restarting; try again\n"))
-            .await;
-        return;
-    }
     let grant = match shared.auth.check(&req) {
         Ok(g) => g,
         Err(refusal) => {

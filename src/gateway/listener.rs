@@ -42,13 +42,19 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
     // down: an io_uring accept dropped after it completed would leak its connection (accepted,
     // never served, reset only when the process exits).
     let mut accept = Box::pin(listener.accept());
-    loop {
-        tokio::select! {
-            accepted = &mut accept => {
-                serve_accepted(&core, &sessions, accepted).await;
-                accept = Box::pin(listener.accept());
+    {
+        // `wait_for` looks at the current phase first: a drain that began before this core
+        // started must stop it too.
+        let draining = phase.wait_for(|p| *p != Phase::Running);
+        tokio::pin!(draining);
+        loop {
+            tokio::select! {
+                accepted = &mut accept => {
+                    serve_accepted(&core, &sessions, accepted).await;
+                    accept = Box::pin(listener.accept());
+                }
+                _ = &mut draining => break,
             }
-            _ = phase.changed() => break,
         }
     }
     // Stop listening: shutdown(2) on the listening socket completes the accept in flight (an
