@@ -71,3 +71,10 @@ ci:
 # Per-frame micro-benchmarks of the hot path (gRPC decode, binary and JSON frame encoding).
 bench-micro:
     cargo bench --bench hot_path
+
+# Load-balancer test on loopback: Redis, 3 workers, 2 orchestrators behind haproxy, ~200
+# sessions speaking while each orchestrator is restarted with --takeover and a worker is
+# SIGKILLed; report table + target/lb-test.json (installs haproxy/redis as root if missing).
+lb-test:
+    cargo build --release
+    scripts/lb-test.sh
