@@ -8,7 +8,7 @@
 #   * kubernetes-validate (PyPI, in a venv at target/deploy-venv): every manifest in deploy/k8s
 #     against the Kubernetes $KUBE_VERSION schemas, strict (unknown fields are errors); the
 #     kustomization's resource list; with kubectl present also the rendered kustomize output of
-#     deploy/k8s and deploy/k8s-current-binary;
+#     deploy/k8s;
 #   * a few consistency rules of the manifests (grace period > preStop + drain, probes, ...);
 #   * haproxy -c and nginx -t on deploy/haproxy.cfg and deploy/nginx.conf;
 #   * scripts/prometheus-scrape-test.sh: every dashboard query against a real Prometheus
@@ -165,10 +165,6 @@ for f in sorted(missing):
     print(f"kustomization.yaml lists {f}, which does not exist")
 for f in sorted(unlisted):
     print(f"deploy/k8s/{f} is not in kustomization.yaml")
-o = yaml.safe_load(open("deploy/k8s-current-binary/kustomization.yaml"))
-if o["resources"] != ["../k8s"]:
-    print("deploy/k8s-current-binary must build on ../k8s")
-    sys.exit(1)
 sys.exit(1 if missing or unlisted else 0)
 EOF
     echo "kustomization resources: $(grep -c '^  - .*\.yaml$' deploy/k8s/kustomization.yaml) files, all present"
@@ -180,7 +176,7 @@ render_kustomize() {
         return 0
     fi
     local d
-    for d in deploy/k8s deploy/k8s-current-binary; do
+    for d in deploy/k8s; do
         kubectl kustomize "$d" >"$OUT/$(basename "$d").rendered.yaml"
         "$VENV/bin/kubernetes-validate" --strict --quiet -k "$KUBE_VERSION" "$OUT/$(basename "$d").rendered.yaml"
         echo "$d: $(grep -c '^kind:' "$OUT/$(basename "$d").rendered.yaml") objects rendered and valid"
@@ -370,7 +366,7 @@ check "promtool check config deploy/prometheus/prometheus.yml" promtool check co
 check "promtool check config deploy/prometheus/prometheus-kubernetes.yml" check_k8s_prometheus_config
 check "kubernetes-validate deploy/k8s/*.yaml (Kubernetes $KUBE_VERSION, strict)" validate_manifests
 check "kustomization resource lists" check_kustomization
-check "kustomize build + validate (deploy/k8s, deploy/k8s-current-binary)" render_kustomize
+check "kustomize build + validate (deploy/k8s)" render_kustomize
 check "manifest consistency rules" check_manifest_rules
 check "haproxy -c -f deploy/haproxy.cfg" haproxy -c -f deploy/haproxy.cfg
 check "nginx -t -c deploy/nginx.conf" check_nginx
