@@ -273,11 +273,12 @@ async fn ping_gets_a_pong_with_the_same_payload() {
     use tokio_tungstenite::tungstenite::Message;
     let stack = Stack::default().await;
     let mut c = stack.server.client("").await;
-    c.ws.send(Message::Ping(b"are you there".to_vec().into()))
+    c.ws()
+        .send(Message::Ping(b"are you there".to_vec().into()))
         .await
         .expect("send ping");
     // Nothing else is in flight on an idle session, so the very next message is the pong.
-    let pong = match tokio::time::timeout(WAIT, c.ws.next()).await {
+    let pong = match tokio::time::timeout(WAIT, c.ws().next()).await {
         Ok(Some(Ok(Message::Pong(p)))) => p.to_vec(),
         Ok(other) => panic!("expected a pong, got {other:?}"),
         Err(_) => panic!("no pong within {WAIT:?}"),
@@ -296,15 +297,16 @@ async fn client_close_gets_a_close_reply_and_the_connection_ends() {
     use tokio_tungstenite::tungstenite::Message;
     let stack = Stack::default().await;
     let mut c = stack.server.client("").await;
-    c.ws.send(Message::Close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "bye".into(),
-    })))
-    .await
-    .expect("send close");
+    c.ws()
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .expect("send close");
     let reply = tokio::time::timeout(WAIT, async {
         loop {
-            match c.ws.next().await {
+            match c.ws().next().await {
                 Some(Ok(Message::Close(f))) => break f,
                 Some(Ok(Message::Text(t))) if t.contains("session_end") => continue,
                 other => panic!("expected the close reply, got {other:?}"),

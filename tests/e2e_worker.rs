@@ -1,4 +1,4 @@
-//! End to end: the orchestrator when its TTS worker is missing or dies (PROTOCOL.md 1.2, 1.3):
+//! End to end: the orchestrator when its TTS worker is missing or dies (docs/PROTOCOL.md 1.2, 1.3):
 //! the client gets a precise error code, every started utterance still ends with its end
 //! marker, the process does not crash, and a restarted worker is picked up again.
 

@@ -1,52 +1,67 @@
 //! A WAV file writer for 48 kHz mono s16le, streamed as frames arrive.
 //!
-//! Why hand-written: the format is a 44-byte header, and writing it ourselves lets the file
-//! grow frame by frame (a long interactive session never sits in memory) with the sizes
-//! patched in at the end. Players read the result as a normal PCM WAV.
+//! Why `hound`: it writes the header, streams the samples to the file as they come (a long
+//! interactive session never sits in memory) and patches the sizes in on finish; players read
+//! the result as a normal 16-bit PCM WAV. This wrapper takes the protocol's byte frames.
 
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Seek, Write};
 
 use crate::audio::SAMPLE_RATE;
 
-/// Bytes before the first sample.
+/// Bytes before the first sample (hound's canonical PCM header for 16-bit mono).
 pub const HEADER_BYTES: usize = 44;
 
-/// The canonical 44-byte header for `data_bytes` of 16-bit mono PCM at `rate`.
-pub fn header(rate: u32, data_bytes: u32) -> [u8; HEADER_BYTES] {
-    let mut h = [0u8; HEADER_BYTES];
-    h[0..4].copy_from_slice(b"RIFF");
-    h[4..8].copy_from_slice(&data_bytes.saturating_add(36).to_le_bytes());
-    h[8..16].copy_from_slice(b"WAVEfmt ");
-    h[16..20].copy_from_slice(&16u32.to_le_bytes()); // fmt chunk size
-    h[20..22].copy_from_slice(&1u16.to_le_bytes()); // PCM
-    h[22..24].copy_from_slice(&1u16.to_le_bytes()); // mono
-    h[24..28].copy_from_slice(&rate.to_le_bytes());
-    h[28..32].copy_from_slice(&(rate * 2).to_le_bytes()); // byte rate
-    h[32..34].copy_from_slice(&2u16.to_le_bytes()); // block align
-    h[34..36].copy_from_slice(&16u16.to_le_bytes()); // bits per sample
-    h[36..40].copy_from_slice(b"data");
-    h[40..44].copy_from_slice(&data_bytes.to_le_bytes());
-    h
+fn io_err(e: hound::Error) -> io::Error {
+    match e {
+        hound::Error::IoError(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
 }
 
-/// Writes PCM after a header and fixes the header's sizes on [`WavWriter::finish`].
-#[derive(Debug)]
+/// Writes s16le PCM into a WAV stream; [`WavWriter::finish`] finalises the sizes.
 pub struct WavWriter<W: Write + Seek> {
-    out: W,
+    out: hound::WavWriter<W>,
     data_bytes: u64,
+    /// The first byte of a sample split across two writes.
+    carry: Option<u8>,
 }
 
 impl<W: Write + Seek> WavWriter<W> {
-    /// Writes a provisional header (sizes 0) to `out`.
-    pub fn new(mut out: W) -> io::Result<WavWriter<W>> {
-        out.write_all(&header(SAMPLE_RATE, 0))?;
-        Ok(WavWriter { out, data_bytes: 0 })
+    /// Writes a provisional header to `out` (pass `&mut w` to keep `w` after finishing).
+    pub fn new(out: W) -> io::Result<WavWriter<W>> {
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: SAMPLE_RATE,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        Ok(WavWriter {
+            out: hound::WavWriter::new(out, spec).map_err(io_err)?,
+            data_bytes: 0,
+            carry: None,
+        })
     }
 
-    /// Appends s16le samples.
-    pub fn write(&mut self, pcm: &[u8]) -> io::Result<()> {
-        self.out.write_all(pcm)?;
+    /// Appends s16le samples (a sample may be split across calls).
+    pub fn write(&mut self, mut pcm: &[u8]) -> io::Result<()> {
         self.data_bytes += pcm.len() as u64;
+        if let Some(lo) = self.carry.take() {
+            let Some((&hi, rest)) = pcm.split_first() else {
+                self.carry = Some(lo);
+                return Ok(());
+            };
+            self.out
+                .write_sample(i16::from_le_bytes([lo, hi]))
+                .map_err(io_err)?;
+            pcm = rest;
+        }
+        let mut samples = pcm.chunks_exact(2);
+        for s in &mut samples {
+            self.out
+                .write_sample(i16::from_le_bytes([s[0], s[1]]))
+                .map_err(io_err)?;
+        }
+        self.carry = samples.remainder().first().copied();
         Ok(())
     }
 
@@ -55,19 +70,9 @@ impl<W: Write + Seek> WavWriter<W> {
         self.data_bytes
     }
 
-    /// Patches the sizes into the header and flushes; returns the writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        let data = u32::try_from(self.data_bytes).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "more than 4 GiB of audio for one WAV",
-            )
-        })?;
-        self.out.seek(SeekFrom::Start(0))?;
-        self.out.write_all(&header(SAMPLE_RATE, data))?;
-        self.out.seek(SeekFrom::End(0))?;
-        self.out.flush()?;
-        Ok(self.out)
+    /// Writes the final sizes into the header and flushes. A trailing half sample is dropped.
+    pub fn finish(self) -> io::Result<()> {
+        self.out.finalize().map_err(io_err)
     }
 }
 
@@ -78,15 +83,18 @@ mod tests {
 
     #[test]
     fn hound_reads_what_we_write() {
-        let mut w = WavWriter::new(Cursor::new(Vec::new())).unwrap();
+        let mut file = Cursor::new(Vec::new());
+        let mut w = WavWriter::new(&mut file).unwrap();
         let samples: Vec<i16> = (0..4800)
             .map(|i| ((i % 200) * 100 - 10000) as i16)
             .collect();
         let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-        w.write(&bytes[..1000]).unwrap();
-        w.write(&bytes[1000..]).unwrap();
+        // Split mid-sample on purpose.
+        w.write(&bytes[..1001]).unwrap();
+        w.write(&bytes[1001..]).unwrap();
         assert_eq!(w.data_bytes(), 9600);
-        let file = w.finish().unwrap().into_inner();
+        w.finish().unwrap();
+        let file = file.into_inner();
         assert_eq!(file.len(), HEADER_BYTES + 9600);
         let mut r = hound::WavReader::new(Cursor::new(file)).unwrap();
         let spec = r.spec();
@@ -100,11 +108,10 @@ mod tests {
 
     #[test]
     fn an_empty_file_is_still_valid() {
-        let file = WavWriter::new(Cursor::new(Vec::new()))
-            .unwrap()
-            .finish()
-            .unwrap()
-            .into_inner();
+        let mut file = Cursor::new(Vec::new());
+        WavWriter::new(&mut file).unwrap().finish().unwrap();
+        let file = file.into_inner();
+        assert_eq!(file.len(), HEADER_BYTES);
         let r = hound::WavReader::new(Cursor::new(file)).unwrap();
         assert_eq!(r.len(), 0);
     }

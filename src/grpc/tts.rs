@@ -35,7 +35,7 @@ pub struct AudioPayload {
 }
 
 /// The worker token as the `authorization: Bearer <token>` header the orchestrator sends on
-/// every call to a worker started with `--worker-token-file` (PROTOCOL.md §5). Built once
+/// every call to a worker started with `--worker-token-file` (docs/PROTOCOL.md §5). Built once
 /// (validated, marked sensitive so HPACK never indexes it); its `Debug` hides the secret.
 #[derive(Clone)]
 pub struct WorkerAuth {

@@ -20,7 +20,7 @@ use crate::audio::{FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE};
 pub const FREQUENCY_HZ: u32 = 440;
 /// Peak amplitude as a fraction of full scale (loud enough to hear, far from clipping).
 pub const AMPLITUDE: f64 = 0.3;
-/// Frames produced per non-empty text chunk (25 × 20 ms = 500 ms, PROTOCOL.md §2).
+/// Frames produced per non-empty text chunk (25 × 20 ms = 500 ms, docs/PROTOCOL.md §2).
 pub const FRAMES_PER_CHUNK: u64 = 25;
 
 /// Samples after which the sine repeats exactly: 48000 / gcd(48000, 440) = 1200.

@@ -40,7 +40,7 @@ use models::ManagerConfig;
 use server::{ServeOptions, WorkerToken};
 use service::{ServiceConfig, TtsService};
 
-/// Default gRPC listen address (PROTOCOL.md §2: port 7001).
+/// Default gRPC listen address (docs/PROTOCOL.md §2: port 7001).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7001";
 /// Default session limit.
 pub const DEFAULT_MAX_SESSIONS: usize = 1000;

@@ -9,7 +9,7 @@
 //! Ids resolve ([`ModelManager::canonical`]) as follows: a catalogued id is itself; any other
 //! id starting with `mock` is an alias of the one mock model (the orchestrator's tests and
 //! benchmarks keep their 440 Hz voice under any `mock-*` name); with `--mock-any-model` every
-//! unknown id is that alias too (PROTOCOL.md §2's "any unknown id in mock mode", off by
+//! unknown id is that alias too (docs/PROTOCOL.md §2's "any unknown id in mock mode", off by
 //! default); everything else is refused as an unknown model. Ids longer than
 //! [`MAX_MODEL_ID_BYTES`] are refused before any lookup.
 //!

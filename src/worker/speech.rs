@@ -14,7 +14,7 @@
 //! drops (kills) the process. A cancelled call (stream reset, deadline) drops this future,
 //! which kills the process the same way.
 //!
-//! Frame rules (PROTOCOL.md §2): sequence 1..N, one `is_final` frame last. The final frame
+//! Frame rules (docs/PROTOCOL.md §2): sequence 1..N, one `is_final` frame last. The final frame
 //! carries audio when we know it is the last one; to know, the last frame of a clause is held
 //! back while the clause's process is still running (it may yet produce more). When the
 //! input is still open after the last clause, that frame goes out as non-final and the call

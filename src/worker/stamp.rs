@@ -1,5 +1,5 @@
 //! What every engine's Synthesize loop shares: numbering and stamping the frames of one call
-//! (PROTOCOL.md §2: `sequence_number` 1..N, `session_id` echoed, 48 kHz / 20 ms) and
+//! (docs/PROTOCOL.md §2: `sequence_number` 1..N, `session_id` echoed, 48 kHz / 20 ms) and
 //! accounting the time spent producing them, for the `rtf` metric.
 
 use std::time::{Duration, Instant};

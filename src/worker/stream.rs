@@ -138,7 +138,7 @@ impl Stream for SynthesisStream {
                 None => {
                     this.done = true;
                     if this.failed.is_none() && !this.saw_final {
-                        // PROTOCOL.md §2: every synthesis ends with exactly one is_final
+                        // docs/PROTOCOL.md §2: every synthesis ends with exactly one is_final
                         // frame. The engines always send one; should one ever return
                         // without, the client gets an error, never a silent OK with no end.
                         this.failed = Some(Status::internal(

@@ -11,7 +11,7 @@
 //! [`super::stream`]), a call the client resets or whose deadline passes stops producing at
 //! once.
 //!
-//! Frame rules (PROTOCOL.md §2): `sequence_number` 1..N, `session_id` echoed, exactly one
+//! Frame rules (docs/PROTOCOL.md §2): `sequence_number` 1..N, `session_id` echoed, exactly one
 //! `is_final` frame, the last: it carries audio when we know it is the last frame (input
 //! closed and one frame left), otherwise it is an empty end marker. Never an empty non-final
 //! frame.

@@ -20,15 +20,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use futures_util::{SinkExt as _, StreamExt as _};
+use duplex::client;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Bytes of one 20 ms frame of 48 kHz s16le mono PCM.
 pub const FRAME_BYTES: usize = duplex::audio::FRAME_BYTES;
@@ -382,7 +380,8 @@ impl Utterance {
     }
 }
 
-/// What [`Client::recv`] returns: the interesting shapes of a server message.
+/// What [`Client::recv`] returns: the interesting shapes of a server message, as the tests
+/// assert on them (JSON as sent, binary messages whole, header included).
 #[derive(Debug)]
 pub enum Incoming {
     /// A text message that parsed as JSON.
@@ -395,33 +394,43 @@ pub enum Incoming {
     Ended(String),
 }
 
-/// A WebSocket client session.
+/// A WebSocket client session: [`duplex::client::Client`] with the tests' conventions (every
+/// wait bounded, every failure a panic with context, messages as JSON values).
 pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub inner: client::Client,
     /// The `session_start` message the server greeted us with.
     pub start: Value,
+}
+
+/// The raw JSON of a received text message; panics (with it) if it isn't JSON.
+fn json_of(r: &client::Received) -> Value {
+    serde_json::from_slice(r.raw()).unwrap_or_else(|e| {
+        panic!(
+            "server sent non-JSON text {:?}: {e}",
+            String::from_utf8_lossy(r.raw())
+        )
+    })
 }
 
 impl Client {
     /// Connects (bounded) and reads the `session_start` greeting, which must come first.
     pub async fn connect(url: &str) -> Client {
-        let (ws, _resp) =
-            match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await {
-                Err(_) => panic!("WebSocket connect to {url} timed out"),
-                Ok(Err(e)) => panic!("WebSocket connect to {url} failed: {e}"),
-                Ok(Ok(pair)) => pair,
-            };
-        let mut client = Client {
-            ws,
-            start: Value::Null,
+        let opts = client::Options {
+            // The bound used to be WAIT for the connection plus WAIT for the greeting.
+            connect_timeout: 2 * WAIT,
+            ..client::Options::default()
         };
-        let start = client.recv_json(WAIT).await;
+        let inner = match client::Client::connect(url, &opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("WebSocket session with {url} failed to start: {e}"),
+        };
+        let start: Value = serde_json::from_slice(&inner.session().raw)
+            .unwrap_or_else(|e| panic!("session_start is not JSON: {e}"));
         assert_eq!(
             start["type"], "session_start",
             "first message must be session_start, got {start}"
         );
-        client.start = start;
-        client
+        Client { inner, start }
     }
 
     /// The session id from `session_start`.
@@ -432,28 +441,28 @@ impl Client {
             .to_string()
     }
 
+    /// The underlying WebSocket, for tests of the protocol itself (pings, close frames).
+    pub fn ws(&mut self) -> &mut client::Ws {
+        self.inner.ws_mut()
+    }
+
     /// Next message, or `None` if nothing arrives within `timeout`. Pings/pongs are skipped.
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Incoming> {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(next) => next,
-            };
-            return Some(match next {
-                None => Incoming::Ended("stream ended".into()),
-                Some(Err(e)) => Incoming::Ended(format!("transport error: {e}")),
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(t.as_str())
-                        .unwrap_or_else(|e| panic!("server sent non-JSON text {t:?}: {e}"));
-                    Incoming::Json(v)
-                }
-                Some(Ok(Message::Binary(b))) => Incoming::Binary(b.to_vec()),
-                Some(Ok(Message::Close(frame))) => Incoming::Close(
-                    frame.map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string())),
-                ),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            });
+        match self.inner.recv_wire(deadline).await {
+            Ok(None) => None,
+            Ok(Some(r)) => Some(match &r.kind {
+                client::Kind::Audio(a) if a.binary => Incoming::Binary(r.raw().to_vec()),
+                client::Kind::Audio(_) | client::Kind::Event(_) => Incoming::Json(json_of(&r)),
+                client::Kind::Close(c) => Incoming::Close(c.clone()),
+            }),
+            Err(client::Error::Closed(why)) => Some(Incoming::Ended(
+                why.unwrap_or_else(|| "stream ended".into()),
+            )),
+            Err(client::Error::Transport(e)) => {
+                Some(Incoming::Ended(format!("transport error: {e}")))
+            }
+            Err(e) => panic!("server sent a message the protocol does not allow: {e}"),
         }
     }
 
@@ -484,7 +493,7 @@ impl Client {
 
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: &str) {
-        tokio::time::timeout(WAIT, self.ws.send(Message::text(text)))
+        tokio::time::timeout(WAIT, self.inner.send_raw_text(text))
             .await
             .expect("send timed out")
             .expect("send text");
@@ -495,9 +504,9 @@ impl Client {
         self.send_text(&v.to_string()).await;
     }
 
-    /// Sends a binary frame.
+    /// Sends a binary frame (microphone audio).
     pub async fn send_binary(&mut self, data: Vec<u8>) {
-        tokio::time::timeout(WAIT, self.ws.send(Message::binary(data)))
+        tokio::time::timeout(WAIT, self.inner.send_audio(data))
             .await
             .expect("send timed out")
             .expect("send binary");
@@ -508,7 +517,7 @@ impl Client {
     /// can send invalid UTF-8). The client role masks it as RFC 6455 requires.
     pub async fn send_raw_text_frame(&mut self, payload: Vec<u8>) {
         let frame = Frame::message(payload, OpCode::Data(OpData::Text), true);
-        tokio::time::timeout(WAIT, self.ws.send(Message::Frame(frame)))
+        tokio::time::timeout(WAIT, self.inner.send_message(Message::Frame(frame)))
             .await
             .expect("send timed out")
             .expect("send raw frame");
@@ -562,93 +571,86 @@ impl Client {
         (frames, others)
     }
 
-    /// Reads one JSON-format utterance up to and including its end marker (bounded by
-    /// `timeout` overall).
-    pub async fn collect_utterance(&mut self, timeout: Duration) -> Utterance {
-        let deadline = Instant::now() + timeout;
-        let mut frames: Vec<AudioFrame> = Vec::new();
+    /// [`client::Client::collect_utterance`] (bounded by `timeout` overall) with every
+    /// message checked against the protocol by `check`; non-audio messages are returned in
+    /// `others` as sent.
+    async fn collect_checked(
+        &mut self,
+        timeout: Duration,
+        mut check: impl FnMut(&client::Received, &mut Vec<Value>),
+    ) -> Utterance {
         let mut others = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(msg) = self.try_recv(left).await else {
-                panic!(
-                    "utterance incomplete after {timeout:?}: {} frames (sequences {:?}), others {:?}",
-                    frames.len(),
-                    frames.iter().map(|f| f.sequence).collect::<Vec<_>>(),
-                    others
-                );
-            };
-            match msg {
-                Incoming::Json(v) => match parse_audio(&v) {
-                    Some(Audio::Frame(f)) => frames.push(f),
-                    Some(Audio::End(seq)) => {
-                        return Utterance {
-                            frames,
-                            end_sequence: seq,
-                            others,
-                        }
-                    }
-                    None => others.push(v),
-                },
-                other => panic!(
-                    "unexpected {other:?} during a JSON utterance after {} frames",
-                    frames.len()
-                ),
-            }
+        let u = self
+            .inner
+            .collect_utterance_with(client::Wait::Total(timeout), |r| {
+                check(r, &mut others);
+                Ok(())
+            })
+            .await;
+        match u {
+            Ok(u) => Utterance {
+                frames: u
+                    .frames
+                    .into_iter()
+                    .map(|f| AudioFrame {
+                        sequence: u64::from(f.sequence),
+                        pcm: f.pcm.to_vec(),
+                        at: f.at,
+                    })
+                    .collect(),
+                end_sequence: u64::from(u.end_sequence),
+                others,
+            },
+            Err(e) => panic!("utterance incomplete: {e}; others {others:?}"),
         }
     }
 
-    /// Reads binary-format audio up to and including the end marker (bounded), returning the
-    /// frames (header checked) and the end marker's sequence; JSON messages go to `others`.
+    /// Reads one JSON-format utterance up to and including its end marker (bounded by
+    /// `timeout` overall), checking the fields of every audio message.
+    pub async fn collect_utterance(&mut self, timeout: Duration) -> Utterance {
+        self.collect_checked(timeout, |r, others| match &r.kind {
+            client::Kind::Audio(a) if a.binary => {
+                panic!("unexpected binary message during a JSON utterance: {a:?}")
+            }
+            client::Kind::Audio(_) => {
+                // Asserts every field (docs/PROTOCOL.md 1.3).
+                let _ = parse_audio(&json_of(r));
+            }
+            client::Kind::Event(_) => others.push(json_of(r)),
+            client::Kind::Close(c) => panic!("unexpected close {c:?} during a JSON utterance"),
+        })
+        .await
+    }
+
+    /// Reads binary-format audio up to and including the end marker (bounded), checking every
+    /// header and size; JSON messages go to `others`.
     pub async fn collect_binary_utterance(&mut self, timeout: Duration) -> Utterance {
-        let deadline = Instant::now() + timeout;
-        let mut frames = Vec::new();
-        let mut others = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match self.try_recv(left).await {
-                Some(m) => m,
-                None => panic!(
-                    "binary utterance incomplete after {timeout:?}: {} frames, others {others:?}",
-                    frames.len()
-                ),
-            };
-            match msg {
-                Incoming::Binary(b) => {
-                    let h = parse_binary_header(&b);
-                    if h.is_final {
-                        assert_eq!(
-                            b.len(),
-                            BINARY_HEADER_BYTES,
-                            "the binary end marker is the header alone"
-                        );
-                        return Utterance {
-                            frames,
-                            end_sequence: u64::from(h.sequence),
-                            others,
-                        };
-                    }
+        self.collect_checked(timeout, |r, others| match &r.kind {
+            client::Kind::Audio(a) if a.binary => {
+                let b = r.raw();
+                let h = parse_binary_header(b);
+                if h.is_final {
+                    assert_eq!(
+                        b.len(),
+                        BINARY_HEADER_BYTES,
+                        "the binary end marker is the header alone"
+                    );
+                } else {
                     assert_eq!(
                         b.len(),
                         BINARY_HEADER_BYTES + FRAME_BYTES,
                         "binary frame = 8-byte header + 1920 PCM bytes"
                     );
-                    frames.push(AudioFrame {
-                        sequence: u64::from(h.sequence),
-                        pcm: b[BINARY_HEADER_BYTES..].to_vec(),
-                        at: Instant::now(),
-                    });
                 }
-                Incoming::Json(v) => {
-                    assert_ne!(
-                        v["type"], "audio",
-                        "format=binary must not send JSON audio: {v}"
-                    );
-                    others.push(v);
-                }
-                other => panic!("unexpected {other:?} during a binary utterance"),
             }
-        }
+            client::Kind::Audio(_) => {
+                let v = json_of(r);
+                panic!("format=binary must not send JSON audio: {v}");
+            }
+            client::Kind::Event(_) => others.push(json_of(r)),
+            client::Kind::Close(c) => panic!("unexpected close {c:?} during a binary utterance"),
+        })
+        .await
     }
 
     /// Reads messages until one satisfies `pred` (bounded); returns it and everything before.
@@ -684,9 +686,7 @@ impl Client {
     /// After the WebSocket close handshake: waits (bounded) until the server closes the TCP
     /// connection, so the server is the side that closes first.
     pub async fn wait_tcp_eof(&mut self, timeout: Duration) {
-        let MaybeTlsStream::Plain(tcp) = self.ws.get_mut() else {
-            panic!("only plain TCP is used in tests");
-        };
+        let tcp = self.inner.ws_mut().get_mut().get_mut();
         let mut buf = [0u8; 1024];
         tokio::time::timeout(timeout, async {
             while let Ok(n) = tcp.read(&mut buf).await {
@@ -700,12 +700,8 @@ impl Client {
     }
 
     /// Sends a close frame and waits (bounded) for the server's side of the close handshake.
-    pub async fn close(mut self) {
-        let _ = tokio::time::timeout(WAIT, self.ws.close(None)).await;
-        let _ = tokio::time::timeout(WAIT, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
+    pub async fn close(self) {
+        self.inner.close_and_wait(WAIT).await;
     }
 }
 
