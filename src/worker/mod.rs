@@ -59,52 +59,52 @@ pub const DEFAULT_DRAIN_SECS: f64 = 30.0;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     /// Address to listen on for gRPC (`127.0.0.1:0` picks a free port).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    #[arg(long, default_value = DEFAULT_LISTEN, env = "DUPLEX_WORKER_LISTEN")]
     pub listen: String,
     /// Mock model: delay before the first frame of each Synthesize call, in milliseconds.
-    #[arg(long, default_value_t = DEFAULT_FIRST_FRAME_MS)]
+    #[arg(long, default_value_t = DEFAULT_FIRST_FRAME_MS, env = "DUPLEX_WORKER_MOCK_FIRST_FRAME_MS")]
     pub mock_first_frame_ms: u64,
     /// Mock model: delay between frames in milliseconds (0 = as fast as possible).
-    #[arg(long, default_value_t = DEFAULT_FRAME_INTERVAL_MS)]
+    #[arg(long, default_value_t = DEFAULT_FRAME_INTERVAL_MS, env = "DUPLEX_WORKER_MOCK_FRAME_INTERVAL_MS")]
     pub mock_frame_interval_ms: u64,
     /// Sessions beyond this many are refused by StartSession (success: false).
-    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS, env = "DUPLEX_WORKER_MAX_SESSIONS")]
     pub max_sessions: usize,
     /// Name of this worker (its registry key, later `worker:<name>` in Redis).
-    #[arg(long, default_value_t = default_name())]
+    #[arg(long, default_value_t = default_name(), env = "DUPLEX_WORKER_NAME")]
     pub name: String,
     /// Model of sessions that name none; loaded at start and kept resident.
-    #[arg(long, default_value = models::DEFAULT_MODEL)]
+    #[arg(long, default_value = models::DEFAULT_MODEL, env = "DUPLEX_WORKER_DEFAULT_MODEL")]
     pub default_model: String,
     /// Models to load at start and keep resident (repeat or comma-separate), e.g.
     /// `--preload espeak-en-us,espeak-de`.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "DUPLEX_WORKER_PRELOAD")]
     pub preload: Vec<String>,
     /// Evict a model no session has used for this many seconds (0 = never). The default
     /// model and `--preload` models are never evicted.
-    #[arg(long, default_value_t = DEFAULT_MODEL_TTL_SECS)]
+    #[arg(long, default_value_t = DEFAULT_MODEL_TTL_SECS, env = "DUPLEX_WORKER_MODEL_TTL_SECS")]
     pub model_ttl_secs: f64,
     /// Most models resident at once; loading one more evicts the least recently used idle one.
-    #[arg(long, default_value_t = models::DEFAULT_MAX_RESIDENT)]
+    #[arg(long, default_value_t = models::DEFAULT_MAX_RESIDENT, env = "DUPLEX_WORKER_MAX_RESIDENT_MODELS")]
     pub max_resident_models: usize,
     /// The espeak-ng executable (voices `espeak-*`).
-    #[arg(long, default_value = espeak::DEFAULT_BINARY)]
+    #[arg(long, default_value = espeak::DEFAULT_BINARY, env = "DUPLEX_WORKER_ESPEAK_BINARY")]
     pub espeak_binary: String,
     /// Speak with the mock only, even if espeak-ng is installed.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_WORKER_NO_ESPEAK")]
     pub no_espeak: bool,
     /// Register in this Redis (`redis://host:port`) so orchestrators discover the worker.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_WORKER_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
     /// Address orchestrators dial (`grpc://host:port`); default: the bound address, with a
     /// wildcard host replaced by this host's name.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
     /// Registry record TTL in seconds; the record is rewritten every third of it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "DUPLEX_WORKER_REGISTRY_TTL")]
     pub registry_ttl: u64,
     /// Registry key prefix (the key is prefix + name).
-    #[arg(long, default_value = "worker:")]
+    #[arg(long, default_value = "worker:", env = "DUPLEX_WORKER_REGISTRY_PREFIX")]
     pub registry_prefix: String,
     /// File holding a shared secret: every `tts.TTSService` and reflection call must then
     /// carry `authorization: Bearer <secret>` (health stays open for probes).
@@ -112,17 +112,17 @@ pub struct WorkerArgs {
     pub worker_token_file: Option<std::path::PathBuf>,
     /// Serve LoadModel / UnloadModel (refused with PERMISSION_DENIED otherwise): they evict
     /// models other sessions rely on, so only trusted operators should have them.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_WORKER_ALLOW_MODEL_MANAGEMENT")]
     pub allow_model_management: bool,
     /// Speak any model id outside the catalogue with the mock (the Python worker's "mock
     /// mode"); by default such ids are refused as unknown models.
-    #[arg(long)]
+    #[arg(long, env = "DUPLEX_WORKER_MOCK_ANY_MODEL")]
     pub mock_any_model: bool,
     /// A session with no Synthesize call open for this many seconds expires.
-    #[arg(long, default_value_t = DEFAULT_SESSION_IDLE_SECS)]
+    #[arg(long, default_value_t = DEFAULT_SESSION_IDLE_SECS, env = "DUPLEX_WORKER_SESSION_IDLE_SECS")]
     pub session_idle_secs: f64,
     /// On SIGTERM, wait this many seconds at most for open syntheses to finish.
-    #[arg(long, default_value_t = DEFAULT_DRAIN_SECS)]
+    #[arg(long, default_value_t = DEFAULT_DRAIN_SECS, env = "DUPLEX_WORKER_DRAIN_SECS")]
     pub drain_secs: f64,
 }
 
