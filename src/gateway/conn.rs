@@ -258,7 +258,6 @@ async fn run_session(
 
     let mut decoder = Decoder::new(shared.config.max_message_bytes, leftover);
     let mut buf = vec![0u8; READ_BUF];
-    let mut linger = None;
     'read: loop {
         loop {
             match decoder.next_message() {
@@ -286,30 +285,20 @@ async fn run_session(
             session.send(Bytes::from(reply));
         }
         // After the server starts a close (a limit, a drain, a timeout) the client's input is
-        // read and dropped until it closes too, for at most CLOSE_LINGER: closing a socket with
-        // unread input makes the kernel send a reset, which can destroy the `session_end` and
-        // close frame still on their way to the client.
-        if linger.is_none() && session.output.is_closing() {
-            linger = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-        }
-        let read = stream.read(buf);
-        let (res, b) = match linger {
-            None => read.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
-                Ok(r) => r,
-                Err(_) => break,
-            },
-        };
+        // still read (and dropped by the session) until the client closes too or the writer
+        // ends the linger (see `writer`).
+        let (res, b) = stream.read(buf).await;
         buf = b;
         match res {
             Ok(0) | Err(_) => break,
             Ok(n) => decoder.feed(&buf[..n]),
         }
     }
+    session.output.reader_done();
     session.close();
     // Let the writer flush a close frame, bounded so a stuck peer can't pin the session.
     session.output.finish();
-    if tokio::time::timeout(Duration::from_secs(2), writer)
+    if tokio::time::timeout(CLOSE_LINGER + Duration::from_secs(1), writer)
         .await
         .is_err()
     {
@@ -354,8 +343,17 @@ async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
         }
     }
     // Half-close: the client reads everything (the close frame last), then closes its side,
-    // which ends the reader.
+    // which ends the reader. Closing both at once would make the kernel answer input still
+    // arriving with a reset, which can destroy the `session_end` and close frame on their way
+    // to the client. A client that doesn't close within CLOSE_LINGER has its input cut off
+    // (SHUT_RD completes the reader's pending read).
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    tokio::select! {
+        _ = session.output.reader_stopped() => {}
+        _ = tokio::time::sleep(CLOSE_LINGER) => {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+        }
+    }
 }
 
 /// Writes every chunk of `batch` (handling partial writes) and leaves it empty.

@@ -88,6 +88,8 @@ impl Budget {
 pub struct Output {
     queue: RefCell<Queue>,
     ready: Notify,
+    /// Woken once, when the connection's reader has stopped (the client closed or went away).
+    reader_done: Notify,
     socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     budget: Rc<Budget>,
 }
@@ -166,6 +168,16 @@ impl Output {
         q.bytes -= taken;
         self.budget.sub(taken);
         batch.is_empty() && q.closing
+    }
+
+    /// The connection's reader has stopped: a writer lingering for the client's close can go.
+    pub fn reader_done(&self) {
+        self.reader_done.notify_one();
+    }
+
+    /// Waits until [`Self::reader_done`].
+    pub async fn reader_stopped(&self) {
+        self.reader_done.notified().await
     }
 
     /// Waits until output is queued.
