@@ -71,3 +71,9 @@ ci:
 # Per-frame micro-benchmarks of the hot path (gRPC decode, binary and JSON frame encoding).
 bench-micro:
     cargo bench --bench hot_path
+
+# Coverage-guided fuzzing of every parser of outside input (fuzz/, cargo-fuzz on nightly):
+# FUZZ_SECS per target (default 300), grown corpus kept in fuzz/artifacts/corpus. Pass target
+# names to run only those; `scripts/fuzz-smoke.sh` alone is the 20 s-per-target CI smoke run.
+fuzz *TARGETS:
+    FUZZ_SECS="${FUZZ_SECS:-300}" FUZZ_KEEP_CORPUS=1 scripts/fuzz-smoke.sh {{TARGETS}}
