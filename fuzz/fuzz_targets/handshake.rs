@@ -23,7 +23,11 @@ fn same(a: &Request, b: &Request) -> bool {
 }
 
 fn check_request(req: &Request, len: usize, input: &[u8]) {
-    assert!(len > 0 && len <= input.len(), "len {len} of {}", input.len());
+    assert!(
+        len > 0 && len <= input.len(),
+        "len {len} of {}",
+        input.len()
+    );
     assert!(!req.path.contains('?'), "query left in path {:?}", req.path);
     if req.is_upgrade() {
         assert_eq!(req.method, "GET");

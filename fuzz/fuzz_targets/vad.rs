@@ -18,7 +18,11 @@ fn events(rate: u32, cfg: VadConfig, pieces: &[&[u8]]) -> (Vec<VadEvent>, bool) 
     for p in pieces {
         vad.feed(p, |e| out.push(e));
         let expect = out.last() == Some(&VadEvent::SpeechStart);
-        assert_eq!(vad.speaking(), expect, "speaking() disagrees with the events");
+        assert_eq!(
+            vad.speaking(),
+            expect,
+            "speaking() disagrees with the events"
+        );
     }
     (out, vad.speaking())
 }

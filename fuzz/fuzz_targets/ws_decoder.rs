@@ -112,7 +112,10 @@ fn check_replies(bytes: &[u8]) {
             OpCode::Control(Control::Close) => {
                 assert!(payload.len() != 1, "close payload of 1 byte");
                 if payload.len() >= 2 {
-                    assert!(std::str::from_utf8(&payload[2..]).is_ok(), "close reason UTF-8");
+                    assert!(
+                        std::str::from_utf8(&payload[2..]).is_ok(),
+                        "close reason UTF-8"
+                    );
                 }
             }
             other => panic!("unexpected reply opcode {other:?}"),
@@ -129,8 +132,14 @@ fuzz_target!(|data: &[u8]| {
         for (variant, already) in [(0, false), (1, true), (2, true)] {
             let pieces = duplex_fuzz::split(data, variant);
             let other = run(&pieces, max, already);
-            assert_eq!(one.events, other.events, "events depend on the cut ({variant})");
-            assert_eq!(one.replies, other.replies, "replies depend on the cut ({variant})");
+            assert_eq!(
+                one.events, other.events,
+                "events depend on the cut ({variant})"
+            );
+            assert_eq!(
+                one.replies, other.replies,
+                "replies depend on the cut ({variant})"
+            );
         }
     }
 });
