@@ -6,7 +6,8 @@
 //! - no panic and no endless `next_message()` loop;
 //! - the decoded messages, the way the stream ends (close / violation code) and the replies
 //!   do not depend on how the bytes were cut (one piece, bytes handed to `Decoder::new` as
-//!   `already_read`, or many small pieces);
+//!   `already_read`, or many small pieces); after a violation, only the replies flushed
+//!   before it may differ (more pieces, more flushes);
 //! - text/binary messages respect `max_message`; ping/pong payloads are control-sized;
 //! - replies are unmasked, final pong/close frames (the server never masks) with a valid
 //!   close payload.
@@ -136,10 +137,20 @@ fuzz_target!(|data: &[u8]| {
                 one.events, other.events,
                 "events depend on the cut ({variant})"
             );
-            assert_eq!(
-                one.replies, other.replies,
-                "replies depend on the cut ({variant})"
-            );
+            if matches!(one.events.last(), Some(Event::Violation(_))) {
+                // The server sends its own close on a violation and drops what tungstenite
+                // still had queued: a pong flushed at an earlier NeedMore (more cuts, more
+                // flushes) may or may not have gone out first.
+                assert!(
+                    other.replies.starts_with(&one.replies),
+                    "replies depend on the cut ({variant})"
+                );
+            } else {
+                assert_eq!(
+                    one.replies, other.replies,
+                    "replies depend on the cut ({variant})"
+                );
+            }
         }
     }
 });
