@@ -78,3 +78,9 @@ bench-micro:
 lb-test:
     cargo build --release
     scripts/lb-test.sh
+
+# Coverage-guided fuzzing of every parser of outside input (fuzz/, cargo-fuzz on nightly):
+# FUZZ_SECS per target (default 300), grown corpus kept in fuzz/artifacts/corpus. Pass target
+# names to run only those; `scripts/fuzz-smoke.sh` alone is the 20 s-per-target CI smoke run.
+fuzz *TARGETS:
+    FUZZ_SECS="${FUZZ_SECS:-300}" FUZZ_KEEP_CORPUS=1 scripts/fuzz-smoke.sh {{TARGETS}}

@@ -78,4 +78,11 @@ DUPLEX_BIN="$PWD/$bin" scripts/test-python.sh
 step "deployment artefacts (promtool, kubernetes-validate, haproxy/nginx, a real Prometheus scraping the gateway)"
 DUPLEX_BIN="$PWD/$bin" scripts/check-deploy.sh
 
+step "fuzz smoke run (every parser of outside input, 20 s per target; needs nightly + cargo-fuzz)"
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    step "installing the nightly toolchain (cargo-fuzz needs it)"
+    rustup toolchain install nightly --profile minimal
+fi
+scripts/fuzz-smoke.sh
+
 step "all checks passed"

@@ -124,16 +124,20 @@ impl Decoder {
         }
         let len = self.check_header(&self.partial[..HEADER_LEN])?;
         // ...then copy only what this message still needs, leaving later messages in
-        // `current` for the zero-copy path.
+        // `current` for the zero-copy path. The assembly buffer may already hold more than
+        // this message (a push without draining folds a whole chunk into it): then the rest
+        // stays there, ahead of `current`, for the next call.
         let total = HEADER_LEN + len;
-        let take = (total - self.partial.len()).min(self.current.len());
-        self.partial.reserve(take);
-        self.partial.extend_from_slice(&self.current[..take]);
-        self.current.advance(take);
         if self.partial.len() < total {
-            return Ok(None);
+            let take = (total - self.partial.len()).min(self.current.len());
+            self.partial.reserve(take);
+            self.partial.extend_from_slice(&self.current[..take]);
+            self.current.advance(take);
+            if self.partial.len() < total {
+                return Ok(None);
+            }
         }
-        let mut whole = self.partial.split().freeze();
+        let mut whole = self.partial.split_to(total).freeze();
         whole.advance(HEADER_LEN);
         Ok(Some(whole))
     }
@@ -363,6 +367,31 @@ mod tests {
         assert_eq!(got.len(), 2);
         let f: AudioFrame = decode(got[1].clone()).unwrap();
         assert_eq!(f.sequence_number, 2);
+    }
+
+    #[test]
+    fn push_without_drain_of_a_chunk_holding_several_messages() {
+        // Found by fuzz/fuzz_targets/grpc_codec.rs: the folded chunk held more than one
+        // message, so `total - partial.len()` underflowed (a panic with overflow checks; in
+        // release the messages came out merged into one).
+        let mut two = BytesMut::new();
+        two.extend_from_slice(&encode(&frame(1)).unwrap());
+        two.extend_from_slice(&encode(&frame(2)).unwrap());
+        let third = encode(&frame(3)).unwrap();
+        for cut in [0, 3, HEADER_LEN + 7] {
+            let mut dec = Decoder::default();
+            let mut first = two.clone();
+            first.extend_from_slice(&third[..cut]);
+            dec.push(first.freeze());
+            dec.push(third.slice(cut..));
+            let got = drain(&mut dec);
+            assert_eq!(got.len(), 3, "cut {cut}");
+            for (i, m) in got.into_iter().enumerate() {
+                let f: AudioFrame = decode(m).unwrap();
+                assert_eq!(f, frame(i as i64 + 1));
+            }
+            dec.finish().unwrap();
+        }
     }
 
     #[test]

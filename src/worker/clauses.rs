@@ -16,6 +16,10 @@ pub const MIN_COMMA_CLAUSE_CHARS: usize = 40;
 /// A clause longer than this is cut at its last space (or here, if it has none), so one
 /// unpunctuated wall of text cannot delay the first audio.
 pub const MAX_CLAUSE_CHARS: usize = 240;
+/// Closing quotes and brackets after a terminator that still belong to its clause; a longer
+/// run means the terminator does not end the clause. Bounds how far past a terminator
+/// [`boundary`] looks, so waiting for the character after them is bounded too.
+pub const MAX_CLOSERS: usize = 8;
 
 /// Abbreviations whose trailing dot does not end a sentence (lowercase, without the dot).
 const ABBREVIATIONS: &[&str] = &[
@@ -81,7 +85,8 @@ fn is_closer(c: char) -> bool {
 }
 
 /// Byte length of the first clause in `s`, if `s` holds a complete one. Looks at no more than
-/// [`MAX_CLAUSE_CHARS`] characters (plus closing quotes after a terminator).
+/// [`MAX_CLAUSE_CHARS`] characters (plus up to [`MAX_CLOSERS`] closing quotes and the
+/// character after them, past a terminator).
 fn boundary(s: &str) -> Option<usize> {
     let mut clause_chars = 0usize;
     let mut last_space: Option<usize> = None;
@@ -100,13 +105,20 @@ fn boundary(s: &str) -> Option<usize> {
             // Closing quotes and brackets belong to the clause they close.
             let mut look = chars.clone();
             let mut next = look.next();
-            while next.is_some_and(|(_, n)| is_closer(n)) {
+            let mut closers = 0;
+            while closers <= MAX_CLOSERS && next.is_some_and(|(_, n)| is_closer(n)) {
+                closers += 1;
                 next = look.next();
             }
             match next {
+                _ if closers > MAX_CLOSERS => {}
                 Some((next_pos, n)) if n.is_whitespace() => return Some(next_pos),
                 // CJK full stops need no space after them.
                 Some((next_pos, _)) if matches!(c, '。' | '！' | '？') => return Some(next_pos),
+                // The text seen so far ends before the character that decides: wait for it
+                // rather than let the length cap below cut elsewhere (the clauses must not
+                // depend on how the text was chunked).
+                None => return None,
                 _ => {}
             }
         }
@@ -264,6 +276,48 @@ mod tests {
         clauses.extend(s.finish());
         assert_eq!(clauses.iter().map(String::len).sum::<usize>(), 1 << 20);
         assert!(clauses.iter().all(|c| c.len() <= MAX_CLAUSE_CHARS));
+    }
+
+    #[test]
+    fn a_terminator_at_the_length_cap_waits_for_the_next_chunk() {
+        // Found by fuzz/fuzz_targets/clauses.rs: the '.' is the 240th character and the
+        // chunk ends right after it; the cap used to cut at the last space instead of waiting
+        // to see whether the '.' ends the clause, so the clauses depended on the chunking.
+        let sentence = format!("{} {}.", "x".repeat(10), "y".repeat(MAX_CLAUSE_CHARS - 12));
+        assert_eq!(sentence.chars().count(), MAX_CLAUSE_CHARS);
+        let whole = split_all(&[&format!("{sentence} Next.")]);
+        assert_eq!(whole, vec![sentence.clone(), "Next.".to_string()]);
+        assert_eq!(split_all(&[&sentence, " Next."]), whole);
+        let quoted = format!("{sentence}\")");
+        assert_eq!(
+            split_all(&[&quoted[..quoted.len() - 1], ")", " Next."]),
+            split_all(&[&format!("{quoted} Next.")]),
+        );
+    }
+
+    #[test]
+    fn a_long_run_of_closers_is_not_part_of_the_clause_end() {
+        let text = format!("Hi.{} there. Next", ")".repeat(MAX_CLOSERS + 1));
+        assert_eq!(
+            split_all(&[&text]),
+            vec![
+                format!("Hi.{} there.", ")".repeat(MAX_CLOSERS + 1)),
+                "Next".into()
+            ]
+        );
+        assert_eq!(
+            split_all(&["Hi.\"))]]'\" there."]),
+            vec!["Hi.\"))]]'\"", "there."]
+        );
+        // Streamed one closer at a time, the wait for the deciding character is bounded.
+        let mut s = ClauseSplitter::new();
+        assert!(s.push(&format!("{}.", "y".repeat(200))).is_empty());
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            out.extend(s.push(")"));
+        }
+        assert!(!out.is_empty());
+        assert!(s.pending.chars().count() <= MAX_CLAUSE_CHARS);
     }
 
     #[test]

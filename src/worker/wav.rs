@@ -63,7 +63,9 @@ impl WavReader {
     pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<i16>) -> Result<(), WavError> {
         if let State::Header(buf) = &mut self.state {
             buf.extend_from_slice(bytes);
-            match parse_header(buf)? {
+            // Only the first MAX_HEADER_BYTES count, however large this read was: the same
+            // stream must not be refused when it arrives in small reads and accepted in one.
+            match parse_header(&buf[..buf.len().min(MAX_HEADER_BYTES)])? {
                 None if buf.len() > MAX_HEADER_BYTES => return Err(WavError::BadHeader),
                 None => return Ok(()),
                 Some((rate, data_start)) => {
@@ -214,6 +216,35 @@ mod tests {
         let mut out = Vec::new();
         r.push(&wav, &mut out).unwrap();
         assert_eq!((r.sample_rate(), out), (Some(16000), vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn a_data_chunk_past_the_header_limit_is_refused_however_the_stream_is_read() {
+        // The split invariant of fuzz/fuzz_targets/wav.rs: with the data chunk starting past
+        // MAX_HEADER_BYTES, one large read used to be accepted while the same bytes read in
+        // small pieces were refused (BadHeader once the buffer passed the limit).
+        let mut wav = espeak_like(16000, &[1, 2, 3]);
+        let pad = MAX_HEADER_BYTES - 30;
+        let list = [
+            b"LIST".as_slice(),
+            &(pad as u32).to_le_bytes(),
+            &vec![0; pad],
+        ]
+        .concat();
+        wav.splice(36..36, list);
+        assert!(wav.len() > MAX_HEADER_BYTES + 8);
+        let mut out = Vec::new();
+        assert_eq!(
+            WavReader::new().push(&wav, &mut out),
+            Err(WavError::BadHeader)
+        );
+        let mut r = WavReader::new();
+        let err = wav
+            .chunks(100)
+            .map(|c| r.push(c, &mut out))
+            .find(Result::is_err);
+        assert_eq!(err, Some(Err(WavError::BadHeader)));
+        assert!(out.is_empty());
     }
 
     #[test]
