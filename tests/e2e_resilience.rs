@@ -8,21 +8,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// Open sessions on a worker (`queue_depth` of GetCapabilities).
-async fn worker_sessions(worker: &Worker) -> f64 {
-    let c = duplex::grpc::TtsClient::connect(
-        &worker.addr.to_string(),
-        &duplex::grpc::ClientOptions::default(),
-    )
-    .await
-    .expect("connect to the worker");
-    let caps = c
-        .get_capabilities(Some(WAIT))
-        .await
-        .expect("GetCapabilities");
-    caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
-}
-
 /// True when a WebSocket upgrade to `addr` gets 101 (false on any error or other status).
 async fn upgrades(addr: std::net::SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,7 +110,7 @@ async fn a_stalled_worker_fails_the_utterance_and_the_next_goes_elsewhere() {
             .await;
     }
     c.read_frames(3, WAIT).await;
-    let (busy, idle) = if worker_sessions(&a).await > 0.0 {
+    let (busy, idle) = if a.sessions().await > 0.0 {
         (&a, &b)
     } else {
         (&b, &a)
@@ -148,10 +133,7 @@ async fn a_stalled_worker_fails_the_utterance_and_the_next_goes_elsewhere() {
     let u = c.collect_utterance(WAIT).await;
     assert!(u.others.is_empty(), "{:?}", u.others);
     u.assert_complete(MOCK_FRAMES);
-    assert!(
-        worker_sessions(idle).await >= 1.0,
-        "served by the other worker"
-    );
+    assert!(idle.sessions().await >= 1.0, "served by the other worker");
     busy.proc.signal(libc::SIGCONT);
 }
 
@@ -161,9 +143,9 @@ async fn idle_sessions_release_their_worker_session() {
     let mut c = stack.server.client("pacing=asap").await;
     c.say("Then silence.").await;
     c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
-    assert_eq!(worker_sessions(&stack.worker).await, 1.0);
+    assert_eq!(stack.worker.sessions().await, 1.0);
     let deadline = Instant::now() + WAIT;
-    while worker_sessions(&stack.worker).await != 0.0 {
+    while stack.worker.sessions().await != 0.0 {
         assert!(
             Instant::now() < deadline,
             "the idle session still holds the worker"

@@ -52,21 +52,6 @@ fn file(tag: &str, body: &str) -> PathBuf {
     p
 }
 
-/// Open sessions on the worker (`queue_depth` of GetCapabilities).
-async fn worker_sessions(worker: &Worker) -> f64 {
-    let c = duplex::grpc::TtsClient::connect(
-        &worker.addr.to_string(),
-        &duplex::grpc::ClientOptions::default(),
-    )
-    .await
-    .expect("connect to the worker");
-    let caps = c
-        .get_capabilities(Some(WAIT))
-        .await
-        .expect("GetCapabilities");
-    caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
-}
-
 /// The value of `NAME_total{KEY="LABEL"}` in a Prometheus text scrape (0 when absent).
 fn counter(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
@@ -96,11 +81,7 @@ async fn credentials_are_checked_before_the_upgrade_and_reloaded_on_sighup() {
         401
     );
     // None of them reached the worker.
-    assert_eq!(
-        worker_sessions(&stack.worker).await,
-        0.0,
-        "no worker session"
-    );
+    assert_eq!(stack.worker.sessions().await, 0.0, "no worker session");
     let m = http_get(stack.server.admin, "/metrics").await.body;
     assert!(counter(&m, "auth_failures", "missing") >= 2.0, "{m}");
     assert!(counter(&m, "auth_failures", "invalid") >= 2.0, "{m}");
@@ -191,7 +172,7 @@ async fn jwts_are_checked_for_signature_expiry_algorithm_and_model() {
         upgrade_status(addr, &format!("/?token={narrow}&model=mock-other"), &[]).await,
         403
     );
-    assert_eq!(worker_sessions(&stack.worker).await, 0.0);
+    assert_eq!(stack.worker.sessions().await, 0.0);
 }
 
 #[tokio::test]

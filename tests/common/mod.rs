@@ -983,3 +983,20 @@ pub fn estimate_hz(pcm: &[u8]) -> f64 {
     let secs = samples.len() as f64 / f64::from(duplex::audio::SAMPLE_RATE);
     ups as f64 / secs
 }
+
+impl Worker {
+    /// Sessions open on this worker (`queue_depth` of GetCapabilities).
+    pub async fn sessions(&self) -> f64 {
+        let c = duplex::grpc::TtsClient::connect(
+            &self.addr.to_string(),
+            &duplex::grpc::ClientOptions::default(),
+        )
+        .await
+        .expect("connect to the worker");
+        let caps = c
+            .get_capabilities(Some(WAIT))
+            .await
+            .expect("GetCapabilities");
+        caps.metrics.get("queue_depth").copied().unwrap_or(-1.0)
+    }
+}
