@@ -5,6 +5,8 @@
 //! ([`grpc`]); workers are found through Redis ([`registry`]). docs/ARCHITECTURE.md draws the
 //! picture and docs/PROTOCOL.md is the wire contract.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod bench;
 pub mod cli;
 pub mod client;

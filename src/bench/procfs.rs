@@ -77,8 +77,9 @@ fn clock_ticks() -> f64 {
 
 /// CPU time (user + system, seconds) of this process, all threads: the generator's own cost.
 pub fn self_cpu_s() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_SELF is always valid.
+    // SAFETY: rusage is plain data; all-zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own; RUSAGE_SELF is always valid.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     if rc != 0 {
         return 0.0;
