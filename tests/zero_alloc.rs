@@ -3,8 +3,6 @@
 //! session's own code: frame delivered by the worker stream -> pacing -> output queue -> the
 //! batch handed to `writev`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -13,34 +11,9 @@ use duplex::gateway::session::{Options, Session};
 use duplex::gateway::{Core, Shared};
 use duplex::protocol::Format;
 
-struct Counting;
-
-thread_local! {
-    /// Per thread, so tests running in parallel don't count each other's allocations.
-    static ALLOCS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn allocs() -> usize {
-    ALLOCS.with(Cell::get)
-}
-
-// SAFETY: forwards to the system allocator, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocs;
 
 fn args() -> OrchestratorArgs {
     OrchestratorArgs::parse_from([
