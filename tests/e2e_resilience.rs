@@ -247,3 +247,66 @@ async fn the_drain_deadline_cuts_what_is_left_with_interrupted_and_an_end_marker
     assert_eq!(end["reason"], "shutdown");
     assert!(server.proc.wait_exit(WAIT).success());
 }
+
+#[tokio::test]
+async fn a_draining_worker_s_refusal_is_retried_on_another_worker() {
+    // Two workers producing at real time (a long utterance keeps a draining worker open), one
+    // core (every session shares that core's view of the workers).
+    let worker_args = ["--mock-frame-interval-ms", "20", "--drain-secs", "60"];
+    let mut a = Worker::start(&worker_args).await;
+    let mut b = Worker::start(&worker_args).await;
+    let server = Server::serve(&a.url(), &["--worker", &b.url(), "--cores", "1"]).await;
+    // The session speaks once: it now holds a worker session on one of them, X.
+    let mut c = server.client("pacing=asap").await;
+    c.say("First.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+    let a_has_it = a.sessions().await >= 1.0;
+    let (x, y) = if a_has_it {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    // Another session plays a long utterance (20 chunks, 10 s) on X, so X stays up draining
+    // after SIGTERM instead of exiting at once. Which worker a session gets is the
+    // orchestrator's choice: open sessions until one lands on X.
+    let mut holders = Vec::new();
+    let deadline = Instant::now() + WAIT * 3;
+    loop {
+        let mut h = server.client("").await;
+        for i in 0..20 {
+            h.send_json(&serde_json::json!({"type":"text","text":"hold","is_final": i == 19}))
+                .await;
+        }
+        h.read_frames(1, WAIT).await;
+        holders.push(h);
+        if x.sessions().await >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session landed on the session's worker"
+        );
+    }
+    // X drains: it refuses new sessions and new syntheses (UNAVAILABLE) while the long one
+    // plays on.
+    x.proc.signal(libc::SIGTERM);
+    x.proc.wait_log("draining", WAIT);
+    // The session's next utterance goes to X first (its worker session is there) and is
+    // refused; the orchestrator retries it on Y and the client hears all of it.
+    c.say("Second.").await;
+    let u = c.collect_utterance(WAIT).await;
+    assert!(u.others.is_empty(), "errors: {:?}", u.others);
+    u.assert_complete(MOCK_FRAMES);
+    assert!(y.sessions().await >= 1.0, "served by the other worker");
+    // Whether the retry ran or the orchestrator's probe had already seen X draining (both
+    // must give the client its audio), for the log.
+    let metrics = http_get(server.admin, "/metrics").await;
+    let retries: f64 = metrics
+        .body
+        .lines()
+        .filter(|l| l.contains("limit=\"worker_retry\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!("retries on another worker: {retries:?}");
+    drop(holders);
+}

@@ -8,7 +8,7 @@
 //! Layout: [`client`] is the timestamping WebSocket client, [`utterance`] the per-utterance
 //! measurement (the definitions), [`stats`] the histograms, [`procfs`] resource figures,
 //! [`stack`]/[`sut`] the system under test, [`floor`] the echo server for the floor, `scenarios`
-//! the fourteen scenarios, and [`report`] the tables and JSON.
+//! the fifteen scenarios, and [`report`] the tables and JSON.
 //!
 //! Exit status: non-zero only when correctness fails (frames lost, sequences wrong, end markers
 //! missing, a scenario could not run) — never because a speed target was missed.
@@ -49,7 +49,12 @@ pub const SCENARIOS: &[&str] = &[
     "barge_in",
     "scale",
     "soak",
+    "chaos",
 ];
+
+/// Scenarios that run only when named in `--only`: chaos takes about two minutes and kills
+/// and restarts processes, which a default performance run should not do.
+pub const ON_REQUEST: &[&str] = &["chaos"];
 
 /// Audio format for the scale sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -174,7 +179,13 @@ fn select(only: &[String]) -> Result<Vec<&'static str>> {
     Ok(SCENARIOS
         .iter()
         .copied()
-        .filter(|s| only.is_empty() || only.iter().any(|o| o == s))
+        .filter(|s| {
+            if only.is_empty() {
+                !ON_REQUEST.contains(s)
+            } else {
+                only.iter().any(|o| o == s)
+            }
+        })
         .collect())
 }
 
@@ -326,7 +337,7 @@ async fn run_pass(
     // FAL ratios need the floor even when it is not selected; measure it quietly then.
     let needs_floor = selected
         .iter()
-        .any(|s| !matches!(*s, "floor" | "scale" | "soak"));
+        .any(|s| !matches!(*s, "floor" | "scale" | "soak" | "chaos"));
     if needs_floor && !selected.contains(&"floor") {
         let r = scenarios::run_one("floor", &mut ctx).await;
         ctx.floor = r
@@ -372,7 +383,15 @@ mod tests {
 
     #[test]
     fn selects_in_canonical_order_and_rejects_unknown_names() {
-        assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
+        assert_eq!(
+            select(&[]).unwrap().len(),
+            SCENARIOS.len() - ON_REQUEST.len()
+        );
+        assert!(
+            !select(&[]).unwrap().contains(&"chaos"),
+            "chaos on request only"
+        );
+        assert_eq!(select(&["chaos".into()]).unwrap(), vec!["chaos"]);
         let s = select(&["scale".into(), "fal_single".into()]).unwrap();
         assert_eq!(s, vec!["fal_single", "scale"]);
         let e = select(&["nope".into()]).unwrap_err().to_string();
@@ -380,8 +399,8 @@ mod tests {
     }
 
     #[test]
-    fn there_are_fourteen_stable_scenarios() {
-        assert_eq!(SCENARIOS.len(), 14);
+    fn there_are_fifteen_stable_scenarios() {
+        assert_eq!(SCENARIOS.len(), 15);
         for s in SCENARIOS {
             assert!(s
                 .chars()

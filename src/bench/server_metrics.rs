@@ -158,6 +158,42 @@ impl Scrape {
         Some(Bound::Above(last_finite))
     }
 
+    /// The largest bucket of histogram `name` that gained a sample between `earlier` and
+    /// `self`: the worst case of the window at bucket resolution (chaos sets it beside the
+    /// worst gap a client saw).
+    pub fn delta_max_bucket(&self, earlier: &Scrape, name: &str) -> Option<Bound> {
+        let now = self.buckets.get(name)?;
+        let then = earlier.buckets.get(name);
+        let cumulative = |le: f64, c: f64| {
+            c - then
+                .and_then(|t| t.iter().find(|(x, _)| *x == le))
+                .map_or(0.0, |x| x.1)
+        };
+        let mut below = 0.0;
+        let mut last_finite = 0.0;
+        let mut max = None;
+        for &(le, c) in now {
+            let cum = cumulative(le, c);
+            if cum > below {
+                max = Some(if le.is_finite() {
+                    Bound::AtMost(le)
+                } else {
+                    Bound::Above(last_finite)
+                });
+            }
+            below = below.max(cum);
+            if le.is_finite() {
+                last_finite = le;
+            }
+        }
+        max
+    }
+
+    /// An unlabelled sample (summed over labels), e.g. a gauge.
+    pub fn value(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
+
     /// How much a counter grew between `earlier` and `self`.
     pub fn delta_value(&self, earlier: &Scrape, name: &str) -> Option<f64> {
         Some(self.values.get(name)? - earlier.values.get(name).copied().unwrap_or(0.0))
@@ -198,6 +234,15 @@ mod tests {
         );
         assert_eq!(b.delta_value(&a, "frames_sent_total"), Some(150.0));
         assert_eq!(b.delta_quantile(&a, "nope", 0.5), None);
+        assert_eq!(
+            b.delta_max_bucket(&a, "frame_lateness_seconds"),
+            Some(Bound::Above(0.01))
+        );
+        assert_eq!(a.delta_max_bucket(&a, "frame_lateness_seconds"), None);
+        assert_eq!(
+            a.delta_max_bucket(&Scrape::default(), "frame_lateness_seconds"),
+            Some(Bound::AtMost(0.001))
+        );
         assert_eq!(a.delta_quantile(&a, "frame_lateness_seconds", 0.5), None);
     }
 

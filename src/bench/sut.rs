@@ -52,6 +52,23 @@ impl Sut {
         Ok(())
     }
 
+    /// How a spawned stack is started (`None` for an external target): scenarios that run
+    /// their own processes (chaos) take the binary, log directory and extra flags from it.
+    pub fn opts(&self) -> Option<&StackOpts> {
+        match self {
+            Sut::Spawned { opts, .. } => Some(opts),
+            Sut::External { .. } => None,
+        }
+    }
+
+    /// Stops the running stack, if any (the next [`Sut::prepare`] starts a new one), so a
+    /// scenario with processes of its own has the CPU to itself.
+    pub fn stop(&mut self) {
+        if let Sut::Spawned { stack, .. } = self {
+            *stack = None;
+        }
+    }
+
     /// The orchestrator's WebSocket URL.
     pub fn url(&self) -> Result<WsUrl> {
         match self {

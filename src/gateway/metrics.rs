@@ -15,8 +15,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-/// Upper bounds (seconds) of the frame-lateness histogram: 10 µs .. ~20 ms.
-const LATENESS_BOUNDS: [f64; 12] = [
+/// Upper bounds (seconds) of the frame-lateness histogram: 10 µs .. 1 s. The top buckets
+/// reach past 100 ms so a gap a client hears (a stalled worker, a core busy with a mass
+/// disconnect) shows as its size, not as "more than 20 ms".
+const LATENESS_BOUNDS: [f64; 17] = [
     0.000_01,
     0.000_025,
     0.000_05,
@@ -28,6 +30,11 @@ const LATENESS_BOUNDS: [f64; 12] = [
     0.005,
     0.01,
     0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
     f64::MAX,
 ];
 

@@ -1,4 +1,5 @@
-//! The scenarios: the seed's ten performance tests, barge-in, the scale sweep and the floor.
+//! The scenarios: the seed's ten performance tests, barge-in, the scale sweep, the floor, and
+//! (on request only) chaos.
 //! Each returns a [`ScenarioReport`]; an error becomes a report with status `error`.
 //!
 //! Which mock settings: the worker's first-frame delay is always 0 (so FAL is orchestrator
@@ -6,6 +7,7 @@
 //! scale with 0 ms (the orchestrator's own cost, nothing hidden behind worker pacing).
 
 mod barge_in;
+mod chaos;
 mod cold_start;
 mod fal;
 mod floor_rtt;
@@ -54,6 +56,7 @@ pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
         "barge_in" => barge_in::run(ctx).await,
         "scale" => scale::run(ctx).await,
         "soak" => soak::run(ctx).await,
+        "chaos" => chaos::run(ctx).await,
         other => Err(anyhow::anyhow!("no scenario named {other}")),
     };
     let mut r = res.unwrap_or_else(|e| {

@@ -19,6 +19,10 @@ struct Stream {
     unsent: Vec<(String, bool)>,
     /// `sequence_number` of the last chunk sent.
     chunk_seq: i64,
+    /// Chunks already sent on `sink`, kept until the first frame arrives: while the client
+    /// has heard nothing, a worker that refuses the stream (draining) or dies can be replaced
+    /// by another that gets the whole text again (see [`Link::rewind`]).
+    replay: Option<Vec<(String, bool)>>,
     /// The synthesis task reading the stream.
     task: Option<JoinHandle<()>>,
 }
@@ -62,6 +66,7 @@ impl Link {
             sink: None,
             unsent: chunks,
             chunk_seq: 0,
+            replay: Some(Vec::new()),
             task: Some(task),
         });
     }
@@ -73,7 +78,12 @@ impl Link {
             return;
         };
         match s.sink.as_mut() {
-            Some(sink) => send_chunk(sink, &mut s.chunk_seq, session_id, text, is_final),
+            Some(sink) => {
+                if let Some(r) = s.replay.as_mut() {
+                    r.push((text.clone(), is_final));
+                }
+                send_chunk(sink, &mut s.chunk_seq, session_id, text, is_final)
+            }
             None => s.unsent.push((text, is_final)),
         }
     }
@@ -90,9 +100,38 @@ impl Link {
             return false;
         };
         for (text, is_final) in std::mem::take(&mut s.unsent) {
+            if let Some(r) = s.replay.as_mut() {
+                r.push((text.clone(), is_final));
+            }
             send_chunk(&mut sink, &mut s.chunk_seq, session_id, text, is_final);
         }
         s.sink = Some(sink);
+        true
+    }
+
+    /// The first frame of `generation` arrived: from now on the utterance belongs to this
+    /// worker (the client has heard part of it), so its text need not be kept for a retry.
+    pub fn first_frame(&mut self, generation: u64) {
+        if let Some(s) = self.stream.as_mut().filter(|s| s.generation == generation) {
+            s.replay = None;
+        }
+    }
+
+    /// Takes utterance `generation` back from a worker that produced no audio for it: the
+    /// stream is dropped (reset on the wire) and every chunk sent on it waits again for the
+    /// next stream, in order, ahead of chunks that never left. False when the utterance is
+    /// no longer current or audio already arrived (then it cannot be replayed).
+    pub fn rewind(&mut self, generation: u64) -> bool {
+        let Some(s) = self.stream.as_mut().filter(|s| s.generation == generation) else {
+            return false;
+        };
+        let Some(mut chunks) = s.replay.replace(Vec::new()) else {
+            return false;
+        };
+        s.sink = None;
+        s.chunk_seq = 0;
+        chunks.append(&mut s.unsent);
+        s.unsent = chunks;
         true
     }
 

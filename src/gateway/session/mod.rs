@@ -521,9 +521,40 @@ impl Session {
         }
     }
 
-    /// Opens the worker stream and reads frames until the end of the synthesis. Errors carry
-    /// the code and the message for the client; details (addresses, OS errors) go to the log.
+    /// Synthesizes utterance `generation` and plays it. A worker that refuses the utterance
+    /// or is unreachable before it produced any audio of it (a draining worker answers
+    /// UNAVAILABLE to StartSession and Synthesize; one that just exited refuses the connect)
+    /// costs one retry on another worker instead of the utterance: the client has heard
+    /// nothing yet, so the other worker gets the whole text again. Errors carry the code and
+    /// the message for the client; details (addresses, OS errors) go to the log.
     async fn synthesize(self: &Rc<Self>, generation: u64) -> Result<(), (ErrorCode, String)> {
+        let (refused_by, first) = match self.synthesize_on(generation, None).await {
+            Ok(()) => return Ok(()),
+            Err(Failure::Final(e) | Failure::NoOther(e)) => return Err(e),
+            Err(Failure::Elsewhere(worker, e)) => (worker, e),
+        };
+        if !self.link.borrow_mut().rewind(generation) {
+            // The utterance was stopped or replaced meanwhile: nothing to retry.
+            return Err(first);
+        }
+        tracing::info!(parent: &self.span, worker = %self.core.upstream.addr(refused_by),
+            "no audio from the worker; retrying the utterance on another one");
+        self.core.shared.metrics.limited("worker_retry");
+        match self.synthesize_on(generation, Some(refused_by)).await {
+            Ok(()) => Ok(()),
+            Err(Failure::NoOther(_)) => Err(first),
+            Err(Failure::Final(e) | Failure::Elsewhere(_, e)) => Err(e),
+        }
+    }
+
+    /// One attempt at utterance `generation` on the session's worker (chosen now if it has
+    /// none, never `avoid`): opens the worker stream and reads frames until the end of the
+    /// synthesis.
+    async fn synthesize_on(
+        self: &Rc<Self>,
+        generation: u64,
+        avoid: Option<usize>,
+    ) -> Result<(), Failure> {
         let upstream = &self.core.upstream;
         // A worker that failed since this session last used it (other sessions saw it die
         // while this one was idle) is dropped now: choose again instead of failing once more.
@@ -542,11 +573,18 @@ impl Session {
         let (worker, needs_start) = match chosen {
             Some(c) => c,
             None => {
-                let w = upstream.pick(&self.opts.model).ok_or((
+                let w = upstream.pick(&self.opts.model).ok_or(Failure::Final((
                     ErrorCode::WorkerUnavailable,
                     "no TTS worker is available".to_string(),
-                ))?;
+                )))?;
                 self.link.borrow_mut().worker = Some(w);
+                if Some(w) == avoid {
+                    self.forget_worker();
+                    return Err(Failure::NoOther((
+                        ErrorCode::WorkerUnavailable,
+                        "no other TTS worker is available".to_string(),
+                    )));
+                }
                 (w, true)
             }
         };
@@ -554,9 +592,12 @@ impl Session {
             tracing::warn!(parent: &self.span, worker = %upstream.addr(worker), error = %e,
                 "worker unavailable");
             self.forget_worker();
-            (
-                ErrorCode::WorkerUnavailable,
-                "the TTS worker is unavailable; try again".to_string(),
+            Failure::Elsewhere(
+                worker,
+                (
+                    ErrorCode::WorkerUnavailable,
+                    "the TTS worker is unavailable; try again".to_string(),
+                ),
             )
         };
         let client = upstream.client(worker).await.map_err(unavailable)?;
@@ -571,22 +612,31 @@ impl Session {
                 }
                 Err(upstream::StartError::UnknownModel) => {
                     self.forget_worker();
-                    return Err((
+                    return Err(Failure::Final((
                         ErrorCode::WorkerUnavailable,
                         format!("no TTS worker offers the model {:?}", self.opts.model),
-                    ));
+                    )));
                 }
                 Err(upstream::StartError::Refused(reason)) => {
                     upstream.mark_refusing(worker);
                     tracing::warn!(parent: &self.span, worker = %upstream.addr(worker),
                         %reason, "worker refused the session");
                     self.forget_worker();
-                    return Err((
-                        ErrorCode::WorkerUnavailable,
-                        "the TTS workers are at capacity; try again".to_string(),
+                    return Err(Failure::Elsewhere(
+                        worker,
+                        (
+                            ErrorCode::WorkerUnavailable,
+                            "the TTS workers are at capacity; try again".to_string(),
+                        ),
                     ));
                 }
-                Err(upstream::StartError::Failed(e)) => return Err(unavailable(e)),
+                Err(upstream::StartError::Failed(e)) => {
+                    if e.code == crate::grpc::Code::Unavailable {
+                        // Draining (or going away): no new sessions there for a while.
+                        upstream.mark_failed(worker);
+                    }
+                    return Err(unavailable(e));
+                }
             }
         }
         let (sink, mut stream) = upstream::synthesize(&client).await.map_err(unavailable)?;
@@ -618,22 +668,25 @@ impl Session {
                         self.core.shared.metrics.limited("worker_stall");
                         upstream.mark_failed(worker);
                         self.forget_worker();
-                        return Err((
+                        return Err(Failure::Final((
                             ErrorCode::SynthesisFailed,
                             "the TTS worker stopped producing audio".into(),
-                        ));
+                        )));
                     }
                 }
             };
             match next {
                 Ok(Some(frame)) => {
                     if frame.audio_data.is_empty() && !frame.is_final {
-                        return Err((
+                        return Err(Failure::Final((
                             ErrorCode::SynthesisFailed,
                             "the TTS worker sent an invalid frame".into(),
-                        ));
+                        )));
                     }
                     if !frame.audio_data.is_empty() {
+                        if frames == 0 {
+                            self.link.borrow_mut().first_frame(generation);
+                        }
                         frames += 1;
                         self.deliver_frame(generation, frame.audio_data);
                     }
@@ -647,18 +700,25 @@ impl Session {
                         error = %e, "synthesis failed");
                     upstream.mark_failed(worker);
                     self.forget_worker();
-                    return Err((
+                    let failed = (
                         ErrorCode::SynthesisFailed,
-                        "synthesis failed on the TTS worker".into(),
-                    ));
+                        "synthesis failed on the TTS worker".to_string(),
+                    );
+                    // Refused (draining) or gone before any audio: another worker may take
+                    // the whole utterance. After audio, the client has heard part of it.
+                    return Err(if frames == 0 && e.code == crate::grpc::Code::Unavailable {
+                        Failure::Elsewhere(worker, failed)
+                    } else {
+                        Failure::Final(failed)
+                    });
                 }
             }
         }
         if frames == 0 {
-            return Err((
+            return Err(Failure::Final((
                 ErrorCode::SynthesisFailed,
                 "the TTS worker produced no audio for this text".into(),
-            ));
+            )));
         }
         self.on_worker_done(generation);
         // Read the trailers so the stream ends cleanly instead of with a RST_STREAM (bounded:
@@ -666,6 +726,17 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
         Ok(())
     }
+}
+
+/// How an attempt at an utterance failed.
+enum Failure {
+    /// Tell the client (code, message).
+    Final((ErrorCode, String)),
+    /// Worker `.0` refused the utterance or could not be reached, and no audio of it left:
+    /// another worker may take it.
+    Elsewhere(usize, (ErrorCode, String)),
+    /// The retry found no worker other than the one that refused.
+    NoOther((ErrorCode, String)),
 }
 
 async fn synthesis_task(session: Rc<Session>, generation: u64) {

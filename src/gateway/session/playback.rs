@@ -76,6 +76,12 @@ struct Current {
     anchor: Option<Instant>,
     /// Pacer entry already waiting for this utterance.
     scheduled: Option<Instant>,
+    /// How late the next frame to leave already is against the slot it had before the
+    /// schedule re-anchored on it (an underrun). Re-anchoring makes that frame due "now", so
+    /// without this its lateness would be measured as zero, and a gap the client heard (a
+    /// stalled worker stream, a core busy with other work while frames waited in the socket)
+    /// would never reach the lateness histogram.
+    late_before_reanchor: Option<Duration>,
     received: Instant,
 }
 
@@ -232,6 +238,7 @@ impl Playback {
             sent: 0,
             anchor: None,
             scheduled: None,
+            late_before_reanchor: None,
             received: pending.received,
         });
         Some((generation, chunks))
@@ -275,6 +282,9 @@ impl Playback {
                 if now > due {
                     u.anchor = Some(now.checked_sub(FRAME * u.sent).unwrap_or(now));
                     underrun = now - due > Duration::from_millis(1);
+                    if u.sent > 0 {
+                        u.late_before_reanchor = Some(now - due);
+                    }
                 }
             }
         }
@@ -321,6 +331,8 @@ impl Playback {
                 if u.anchor.is_some() {
                     u.anchor = Some(now.checked_sub(FRAME * u.sent).unwrap_or(now));
                 }
+                // Time spent paused is the client's choice, not lateness.
+                u.late_before_reanchor = None;
                 u.scheduled = None;
                 true
             }
@@ -392,7 +404,10 @@ impl Playback {
                     }
                     Some(due) => {
                         if u.sent > 0 {
-                            emit(Emit::Late(now.saturating_duration_since(due)));
+                            // Lateness against the slot the frame had before any re-anchor,
+                            // plus any wait since (the pacer's own delay).
+                            let reanchored = u.late_before_reanchor.take().unwrap_or_default();
+                            emit(Emit::Late(reanchored + now.saturating_duration_since(due)));
                         }
                     }
                 }
@@ -590,6 +605,39 @@ mod tests {
             due: t0 + 70 * MS,
             generation: g
         }));
+    }
+
+    #[test]
+    fn a_reanchored_frame_still_reports_how_late_it_left() {
+        // The gap a client hears when a frame comes 75 ms after its slot (a stalled worker
+        // stream, or a core busy closing thousands of sessions while the frame waited in the
+        // socket) must reach the lateness histogram, although the schedule re-anchors on it.
+        let t0 = Instant::now();
+        let mut p = realtime();
+        let g = started(&mut p, t0);
+        p.on_frame(g, pcm(0), t0).unwrap();
+        pump(&mut p, t0);
+        // Frame 2's slot was t0 + 20 ms; it arrives (and leaves) at t0 + 95 ms.
+        assert_eq!(p.on_frame(g, pcm(1), t0 + 95 * MS), Some(true));
+        let (out, _) = pump(&mut p, t0 + 95 * MS);
+        assert_eq!(frames(&out), vec![2]);
+        assert!(
+            out.contains(&Emit::Late(75 * MS)),
+            "lateness against the original slot: {out:?}"
+        );
+        // Frame 3 keeps the new schedule (due t0 + 115 ms) and is on time: no lateness left
+        // over from the re-anchor.
+        p.on_frame(g, pcm(2), t0 + 96 * MS).unwrap();
+        let (out, _) = pump(&mut p, t0 + 115 * MS);
+        assert_eq!(frames(&out), vec![3]);
+        assert!(out.contains(&Emit::Late(Duration::ZERO)), "{out:?}");
+        // A pause is not lateness: frames held by PAUSE report none after RESUME.
+        p.pause();
+        p.on_frame(g, pcm(3), t0 + 200 * MS).unwrap();
+        p.resume(t0 + 900 * MS);
+        let (out, _) = pump(&mut p, t0 + 900 * MS);
+        assert_eq!(frames(&out), vec![4]);
+        assert!(out.contains(&Emit::Late(Duration::ZERO)), "{out:?}");
     }
 
     #[test]
