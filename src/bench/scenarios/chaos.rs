@@ -67,6 +67,9 @@ enum Outcome {
 struct Record {
     sent_at: Instant,
     first_at: Option<Instant>,
+    /// When the outcome was known (end marker, close, give-up): utterances count in the
+    /// phase they ended in, so one in flight when a fault hits counts with that fault.
+    end_at: Instant,
     outcome: Outcome,
 }
 
@@ -104,9 +107,11 @@ async fn speak(
             }
             Err(_) => {
                 // The server closed the connection (a drain) before the text went out.
+                let now = Instant::now();
                 let r = Record {
-                    sent_at: sent_at.unwrap_or_else(Instant::now),
+                    sent_at: sent_at.unwrap_or(now),
                     first_at: None,
+                    end_at: now,
                     outcome: Outcome::CutByDrain,
                 };
                 return (r, true);
@@ -131,11 +136,13 @@ async fn speak(
         {
             Err(e) => {
                 over = true;
+                last_event = Instant::now();
                 lost_why = format!("read failed: {e:#}");
                 break;
             }
             Ok(None) => {
                 over = true;
+                last_event = Instant::now();
                 lost_why = format!("nothing for {SILENCE:?}");
                 break;
             }
@@ -191,6 +198,7 @@ async fn speak(
         Record {
             sent_at,
             first_at,
+            end_at: last_event,
             outcome,
         },
         over || session_end,
@@ -671,34 +679,44 @@ async fn faults(cl: &mut Cluster, url: &WsUrl, mass: usize) -> Result<Vec<Phase>
     cl.admin = new_admin;
     sleep(3.0).await;
 
-    // 6. Mass connect: `mass` more sessions open and each speaks once (fast), then idle.
-    end_phase(&mut phases, cl.admin).await;
-    begin(&mut phases, "mass connect", scrape(cl.admin).await, false);
-    let crowd = open_crowd(url, mass).await;
-    if let Some(p) = phases.last_mut() {
-        p.notes.push(format!(
-            "{} of {mass} sessions opened and spoke once in {:.1} s",
-            crowd.len(),
-            p.at.elapsed().as_secs_f64()
-        ));
+    // 6, 7. Mass connect and mass disconnect: `mass` more sessions open, then all close at
+    //    once while the canary streams. Twice: sessions that never spoke (closing costs the
+    //    gateway only its own work) and sessions that spoke once (each also holds a worker
+    //    session, which closing ends).
+    for (speaks, connect, disconnect) in [
+        (
+            false,
+            "mass connect (silent)",
+            "mass disconnect (silent sessions)",
+        ),
+        (
+            true,
+            "mass connect (each speaks once)",
+            "mass disconnect (sessions that spoke)",
+        ),
+    ] {
+        end_phase(&mut phases, cl.admin).await;
+        begin(&mut phases, connect, scrape(cl.admin).await, false);
+        let crowd = Crowd::open(url, mass, speaks).await?;
+        if let Some(p) = phases.last_mut() {
+            p.notes.push(format!(
+                "{} of {mass} sessions opened{} in {:.1} s",
+                crowd.opened,
+                if speaks { " and spoke once" } else { "" },
+                p.at.elapsed().as_secs_f64()
+            ));
+        }
+        sleep(3.0).await;
+        end_phase(&mut phases, cl.admin).await;
+        begin(&mut phases, disconnect, scrape(cl.admin).await, false);
+        let n = crowd.opened;
+        crowd.close().await;
+        if let Some(p) = phases.last_mut() {
+            p.notes
+                .push(format!("{n} sessions closed (TCP FIN) at once"));
+        }
+        sleep(5.0).await;
     }
-    sleep(3.0).await;
-
-    // 7. Mass disconnect: all of them close at once while the canary streams.
-    end_phase(&mut phases, cl.admin).await;
-    begin(
-        &mut phases,
-        "mass disconnect",
-        scrape(cl.admin).await,
-        false,
-    );
-    let n = crowd.len();
-    drop(crowd);
-    if let Some(p) = phases.last_mut() {
-        p.notes
-            .push(format!("{n} sessions closed (TCP FIN) at once"));
-    }
-    sleep(6.0).await;
     end_phase(&mut phases, cl.admin).await;
     Ok(phases)
 }
@@ -711,10 +729,59 @@ async fn end_phase(phases: &mut [Phase], admin: SocketAddr) {
     }
 }
 
-/// Opens `n` sessions (100 at a time), each speaking one short utterance with asap pacing;
-/// returns the open connections.
-async fn open_crowd(url: &WsUrl, n: usize) -> Vec<Conn> {
-    let url = url.with_query(&[("pacing", "asap")]);
+/// Extra sessions held open on a thread and runtime of their own, so that opening and
+/// dropping thousands of sockets does not delay the canary's reads in the bench's runtime
+/// (its gap would then be the generator's, not the server's).
+struct Crowd {
+    opened: usize,
+    close: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Crowd {
+    /// Opens `n` sessions (100 at a time); with `speaks`, each speaks one short utterance
+    /// with asap pacing first.
+    async fn open(url: &WsUrl, n: usize, speaks: bool) -> Result<Crowd> {
+        let url = url.with_query(&[("pacing", "asap")]);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (close, close_rx) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("crowd runtime")?;
+        let thread = std::thread::Builder::new()
+            .name("chaos-crowd".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let conns = open_crowd(&url, n, speaks).await;
+                    let _ = ready_tx.send(conns.len());
+                    let _ = close_rx.await;
+                    // All at once: the sockets close in this one loop turn.
+                    drop(conns);
+                });
+            })
+            .context("crowd thread")?;
+        let opened = ready_rx
+            .await
+            .map_err(|_| anyhow!("the crowd thread ended early"))?;
+        Ok(Crowd {
+            opened,
+            close,
+            thread,
+        })
+    }
+
+    /// Closes every session at once and waits for the thread.
+    async fn close(self) {
+        let _ = self.close.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// Opens `n` sessions (100 at a time), each speaking one short utterance first when
+/// `speaks`; returns the open connections.
+async fn open_crowd(url: &WsUrl, n: usize, speaks: bool) -> Vec<Conn> {
     let sem = Arc::new(tokio::sync::Semaphore::new(100));
     let tasks: Vec<_> = (0..n)
         .map(|_| {
@@ -723,8 +790,13 @@ async fn open_crowd(url: &WsUrl, n: usize) -> Vec<Conn> {
             tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.ok()?;
                 let (mut c, _, _) = Conn::open(&url, deadline(CONNECT_TIMEOUT)).await.ok()?;
-                let (rec, over) = speak(&mut c, &utterance::chunks(1), None).await;
-                (!over && rec.outcome == Outcome::Completed).then_some(c)
+                if speaks {
+                    let (rec, over) = speak(&mut c, &utterance::chunks(1), None).await;
+                    if over || rec.outcome != Outcome::Completed {
+                        return None;
+                    }
+                }
+                Some(c)
             })
         })
         .collect();
@@ -740,6 +812,7 @@ async fn open_crowd(url: &WsUrl, n: usize) -> Vec<Conn> {
 /// Counts of one phase.
 #[derive(Default, serde::Serialize)]
 struct Counts {
+    /// Utterances that ended in the phase.
     started: u64,
     completed: u64,
     failed_expected: u64,
@@ -747,6 +820,7 @@ struct Counts {
     cut_by_drain: u64,
     lost: u64,
     recovery_ms: Option<f64>,
+    worst_fal_ms: Option<f64>,
     canary_worst_gap_ms: Option<f64>,
     server_lateness_max_bucket: Option<String>,
 }
@@ -772,8 +846,12 @@ fn report(r: &mut ScenarioReport, log: &Log, phases: &[Phase]) {
         let until = phases.get(i + 1).map(|n| n.at);
         let inside = |t: Instant| t >= p.at && until.is_none_or(|u| t < u);
         let mut c = Counts::default();
-        for u in utts.iter().filter(|u| inside(u.sent_at)) {
+        for u in utts.iter().filter(|u| inside(u.end_at)) {
             c.started += 1;
+            if let Some(f) = u.first_at {
+                let fal = f.saturating_duration_since(u.sent_at).as_secs_f64() * 1000.0;
+                c.worst_fal_ms = Some(c.worst_fal_ms.map_or(fal, |w: f64| w.max(fal)));
+            }
             match &u.outcome {
                 Outcome::Completed => c.completed += 1,
                 Outcome::Failed { code, marker } => {
@@ -821,7 +899,7 @@ fn report(r: &mut ScenarioReport, log: &Log, phases: &[Phase]) {
         unexpected_total += c.failed_unexpected;
         let n = p.name;
         r.row(Row::text(
-            format!("{n}: utterances started / completed / failed expected / cut by drain"),
+            format!("{n}: utterances ended / completed / failed expected / cut by drain"),
             format!(
                 "{} / {} / {} / {}",
                 c.started, c.completed, c.failed_expected, c.cut_by_drain
@@ -850,6 +928,13 @@ fn report(r: &mut ScenarioReport, log: &Log, phases: &[Phase]) {
                 None,
             ));
         }
+        r.row(Row::new(
+            format!("{n}: worst first-audio latency"),
+            c.worst_fal_ms,
+            Unit::Ms,
+            None,
+            None,
+        ));
         let mut gap_row = Row::new(
             format!("{n}: canary worst inter-frame gap (server lateness max bucket)"),
             c.canary_worst_gap_ms,

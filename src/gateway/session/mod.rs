@@ -274,6 +274,13 @@ impl Session {
                 .borrow_mut()
                 .push_text(generation, &self.id, text, is_final),
             TextRoute::Queued => {}
+            TextRoute::Start(_) if self.core.shared.is_draining() => {
+                // A new utterance on a draining process would only be cut at --drain-secs:
+                // a session that keeps talking never looks idle to the drain. End the
+                // session between utterances instead; the client says it again on a new
+                // connection, which the replacement process takes.
+                self.close_with(CloseReason::Shutdown);
+            }
             TextRoute::Start(pending) => self.start_utterance(pending),
             TextRoute::Refused => {
                 self.core.shared.metrics.limited("queued_text");
