@@ -7,7 +7,7 @@
 //! if that choice changes.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,6 +118,11 @@ pub struct Upstream {
     picks: Cell<u64>,
     /// How long a worker that left the registry but answers its probes stays listed.
     vanish_grace: Duration,
+    /// Worker sessions to end (worker, session id), sent by one task a batch at a time
+    /// (see [`Upstream::queue_end_session`]).
+    ending: RefCell<VecDeque<(usize, String)>>,
+    /// The task sending `ending` runs.
+    ending_sender: Cell<bool>,
 }
 
 impl Upstream {
@@ -139,6 +144,8 @@ impl Upstream {
             },
             picks: Cell::new(0),
             vanish_grace: VANISH_GRACE,
+            ending: RefCell::new(VecDeque::new()),
+            ending_sender: Cell::new(false),
         };
         for addr in statics {
             up.add_target(addr, true);
@@ -385,6 +392,31 @@ impl Upstream {
         if let Some(t) = self.targets.borrow().get(i) {
             t.health.refusing.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Queues an EndSession call for session `id` on worker `worker`. Returns true when the
+    /// caller must start the task that sends them ([`Upstream::next_end_batch`] in a loop).
+    ///
+    /// Why a queue: thousands of clients closing at once (a load balancer restart, a mass
+    /// disconnect) each ended their worker session with a call of their own, all started in
+    /// the same loop turn; the core then spent a long stretch on HTTP/2 work for them, and a
+    /// session still playing on the core heard a 100 ms gap. One task sending a bounded batch
+    /// at a time keeps that work in slices the pacer can run between.
+    pub fn queue_end_session(&self, worker: usize, id: String) -> bool {
+        self.ending.borrow_mut().push_back((worker, id));
+        !self.ending_sender.replace(true)
+    }
+
+    /// Up to `max` queued EndSession calls; empty when none is left, and then the sending
+    /// task must end (the next [`Upstream::queue_end_session`] starts a new one).
+    pub fn next_end_batch(&self, max: usize) -> Vec<(usize, String)> {
+        let mut q = self.ending.borrow_mut();
+        let n = q.len().min(max);
+        let batch: Vec<_> = q.drain(..n).collect();
+        if batch.is_empty() {
+            self.ending_sender.set(false);
+        }
+        batch
     }
 
     /// Records a successful probe of worker `i`.

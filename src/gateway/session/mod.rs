@@ -469,13 +469,7 @@ impl Session {
             self.core.upstream.release(w);
         }
         if let Some(worker) = worker.filter(|_| opened) {
-            let core = self.core.clone();
-            let id = self.id.clone();
-            tokio_uring::spawn(async move {
-                if let Ok(client) = core.upstream.client(worker).await {
-                    let _ = upstream::end_session(&client, &id).await;
-                }
-            });
+            end_worker_session_later(&self.core, worker, self.id.clone());
         }
     }
 
@@ -506,13 +500,7 @@ impl Session {
         if !opened {
             return;
         }
-        let core = self.core.clone();
-        let id = self.id.clone();
-        tokio_uring::spawn(async move {
-            if let Ok(client) = core.upstream.client(worker).await {
-                let _ = upstream::end_session(&client, &id).await;
-            }
-        });
+        end_worker_session_later(&self.core, worker, self.id.clone());
     }
 
     /// True while the worker session is open.
@@ -744,6 +732,39 @@ enum Failure {
     Elsewhere(usize, (ErrorCode, String)),
     /// The retry found no worker other than the one that refused.
     NoOther((ErrorCode, String)),
+}
+
+/// Most EndSession calls in flight per core at once (see [`Upstream::queue_end_session`]).
+const END_SESSION_BATCH: usize = 32;
+
+/// Ends worker session `id` on `worker` in the background, best effort: queued on the core
+/// and sent by one task, [`END_SESSION_BATCH`] at a time, yielding between batches.
+///
+/// [`Upstream::queue_end_session`]: upstream::Upstream::queue_end_session
+fn end_worker_session_later(core: &Rc<Core>, worker: usize, id: String) {
+    if core.upstream.queue_end_session(worker, id) {
+        tokio_uring::spawn(send_end_sessions(core.clone()));
+    }
+}
+
+async fn send_end_sessions(core: Rc<Core>) {
+    loop {
+        let batch = core.upstream.next_end_batch(END_SESSION_BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        let calls = batch.into_iter().map(|(worker, id)| {
+            let core = &core;
+            async move {
+                if let Ok(client) = core.upstream.client(worker).await {
+                    let _ = upstream::end_session(&client, &id).await;
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        // Let the pacer and the writers run before the next batch.
+        tokio::task::yield_now().await;
+    }
 }
 
 async fn synthesis_task(session: Rc<Session>, generation: u64) {
