@@ -38,9 +38,11 @@ const LATENESS_BOUNDS: [f64; 17] = [
     f64::MAX,
 ];
 
-/// How late each paced frame left relative to its absolute 20 ms slot (the server's own
-/// contribution to jitter). Observed for every frame, so each core writes its own atomics
-/// (no lock, no sharing of cache lines between cores); the scrape sums them.
+/// How late paced frames left relative to their absolute 20 ms slot (the server's own
+/// contribution to jitter): measured when the connection's writer takes them for `writev`,
+/// against the slot they had before any re-anchoring, one observation per write (its oldest
+/// paced frame). Observed at that rate, so each core writes its own atomics (no lock, no
+/// sharing of cache lines between cores); the scrape sums them.
 #[derive(Debug, Default)]
 pub struct FrameLateness {
     cores: Vec<CoreLateness>,

@@ -92,7 +92,8 @@ impl Session {
             span,
             playback: RefCell::new(playback),
             link: RefCell::new(Link::default()),
-            output: Output::new(core.output_budget.clone()),
+            output: Output::new(core.output_budget.clone())
+                .with_lateness(core.shared.metrics.frame_lateness.clone(), core.index),
             drained: tokio::sync::Notify::new(),
             core,
             started: now,
@@ -411,6 +412,9 @@ impl Session {
         let core = &self.core;
         let metrics = &core.shared.metrics;
         let mut playback = self.playback.borrow_mut();
+        // The slot of the frame that follows an `Emit::Late`: its lateness is recorded when
+        // the writer takes it (see `Output::with_lateness`).
+        let mut slot = None;
         playback.pump(now, &mut |emit| match emit {
             Emit::Frame { sequence, pcm } => {
                 let chunks = protocol::audio::audio(
@@ -420,13 +424,16 @@ impl Session {
                     false,
                     &mut core.json_arena.borrow_mut(),
                 );
-                let pushed = self.output.push_audio(chunks);
+                let pushed = match slot.take() {
+                    Some(s) => self.output.push_paced_audio(chunks, s),
+                    None => self.output.push_audio(chunks),
+                };
                 self.after_push(pushed);
                 metrics.frames_sent.inc();
             }
             Emit::EndMarker { sequence } => self.send_end_marker(sequence),
             Emit::Schedule { due, generation } => core.pacer.schedule(due, self.key, generation),
-            Emit::Late(late) => metrics.frame_lateness.observe(core.index, late),
+            Emit::Late(late) => slot = Some(now.checked_sub(late).unwrap_or(now)),
             Emit::FirstAudio(latency) => metrics.first_audio_latency.observe(latency.as_secs_f64()),
             Emit::Drained => self.drained.notify_one(),
         })

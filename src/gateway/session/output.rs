@@ -9,10 +9,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::gateway::metrics::FrameLateness;
 use crate::protocol::AudioChunks;
 
 /// Most bytes queued for a client before it counts as not reading and is dropped: ~20 s of
@@ -92,6 +95,10 @@ pub struct Output {
     reader_done: Notify,
     socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
     budget: Rc<Budget>,
+    /// The slot of the oldest paced audio frame the writer has not taken yet.
+    oldest_slot: Cell<Option<Instant>>,
+    /// Where the lateness of paced frames is recorded (the histogram, this core's index).
+    lateness: Option<(Arc<FrameLateness>, usize)>,
 }
 
 impl Output {
@@ -101,6 +108,18 @@ impl Output {
             budget,
             ..Self::default()
         }
+    }
+
+    /// Records in `lateness` (as core `core`) how late paced frames leave: measured when the
+    /// writer takes them for `writev`, against their slot.
+    ///
+    /// Why here and not when the pacer releases a frame: between the two the frame waits for
+    /// the writer task, which runs after every task woken before it. When thousands of
+    /// sessions on the core close at once, that wait is where a client's gap comes from, and
+    /// a histogram observed at the pacer said "on time".
+    pub fn with_lateness(mut self, lateness: Arc<FrameLateness>, core: usize) -> Self {
+        self.lateness = Some((lateness, core));
+        self
     }
 
     /// Gives the output its socket, so it can cut off a client that stops reading.
@@ -116,6 +135,15 @@ impl Output {
     /// Queues an audio message (a head and, in binary mode, the PCM).
     pub fn push_audio(&self, chunks: AudioChunks) -> Pushed {
         self.push_all([Some(chunks.head), chunks.pcm])
+    }
+
+    /// Queues a paced audio message whose slot was `slot`; its lateness is recorded when the
+    /// writer takes it (one observation per write: the oldest paced frame in it).
+    pub fn push_paced_audio(&self, chunks: AudioChunks, slot: Instant) -> Pushed {
+        if self.oldest_slot.get().is_none() {
+            self.oldest_slot.set(Some(slot));
+        }
+        self.push_audio(chunks)
     }
 
     fn push_all(&self, chunks: [Option<Bytes>; 2]) -> Pushed {
@@ -163,6 +191,13 @@ impl Output {
         let n = q.chunks.len().min(max);
         let start = batch.len();
         batch.extend(q.chunks.drain(..n));
+        if n > 0 {
+            if let Some(slot) = self.oldest_slot.take() {
+                if let Some((histogram, core)) = &self.lateness {
+                    histogram.observe(*core, Instant::now().saturating_duration_since(slot));
+                }
+            }
+        }
         let taken: usize = batch[start..].iter().map(Bytes::len).sum();
         let taken = taken.min(q.bytes);
         q.bytes -= taken;
@@ -232,6 +267,38 @@ mod tests {
         assert!(!out.take(&mut batch, 8), "not drained yet");
         batch.clear();
         assert!(out.take(&mut batch, 8), "drained and closing");
+    }
+
+    #[test]
+    fn a_paced_frame_s_lateness_is_taken_when_the_writer_takes_it() {
+        // The frame left the pacer on time, but the writer only took it 80 ms after its slot
+        // (the core was busy with other tasks): the histogram must say 80 ms, not 0.
+        let m = crate::gateway::metrics::Metrics::default();
+        let out = Output::default().with_lateness(m.frame_lateness.clone(), 0);
+        let slot = Instant::now() - std::time::Duration::from_millis(80);
+        let frame = || AudioChunks {
+            head: Bytes::from_static(b"h"),
+            pcm: Some(Bytes::from_static(b"pcm")),
+        };
+        out.push_paced_audio(frame(), slot);
+        out.push_paced_audio(frame(), slot + std::time::Duration::from_millis(20));
+        let mut batch = Vec::new();
+        out.take(&mut batch, 64);
+        assert_eq!(batch.len(), 4);
+        let text = m.render();
+        // One observation per write, in the (0.05, 0.1] bucket.
+        assert!(
+            text.contains("frame_lateness_seconds_bucket{le=\"0.05\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("frame_lateness_seconds_bucket{le=\"0.1\"} 1"),
+            "{text}"
+        );
+        // Nothing new queued: the next take records nothing.
+        out.take(&mut batch, 64);
+        let text = m.render();
+        assert!(text.contains("frame_lateness_seconds_count 1"), "{text}");
     }
 
     #[test]

@@ -101,7 +101,9 @@ pub enum Emit {
     EndMarker { sequence: u32 },
     /// Ask the pacer for a wake-up at `due` for utterance `generation`.
     Schedule { due: Instant, generation: u64 },
-    /// A paced frame left this long after its slot (the lateness histogram).
+    /// The next frame leaves this long after its slot (measured against its slot before any
+    /// re-anchoring); the session adds the wait for the writer and records it in the
+    /// lateness histogram.
     Late(Duration),
     /// The first frame of an utterance left, this long after its text arrived.
     FirstAudio(Duration),
