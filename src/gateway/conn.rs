@@ -294,16 +294,19 @@ async fn run_session(
             Ok(n) => decoder.feed(&buf[..n]),
         }
     }
+    let turn = super::session::close_turn().await;
     session.output.reader_done();
     session.close();
     // Let the writer flush a close frame, bounded so a stuck peer can't pin the session.
     session.output.finish();
+    drop(turn);
     if tokio::time::timeout(CLOSE_LINGER + Duration::from_secs(1), writer)
         .await
         .is_err()
     {
         session.output.dead();
     }
+    let _turn = super::session::close_turn().await;
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let last = {
         let mut sessions = sessions.borrow_mut();
