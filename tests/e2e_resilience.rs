@@ -310,3 +310,44 @@ async fn a_draining_worker_s_refusal_is_retried_on_another_worker() {
     eprintln!("retries on another worker: {retries:?}");
     drop(holders);
 }
+
+#[tokio::test]
+async fn a_draining_process_ends_a_session_between_utterances_instead_of_starting_one() {
+    let worker = Worker::start(&[]).await;
+    let mut server = Server::serve(&worker.url(), &["--drain-secs", "30"]).await;
+    let mut c = server.client("").await;
+    // A realtime utterance of 2 chunks (50 frames, 1 s) in progress at SIGTERM.
+    for i in 0..2 {
+        c.send_json(&serde_json::json!({"type":"text","text":"drain","is_final": i == 1}))
+            .await;
+    }
+    c.read_frames(3, WAIT).await;
+    server.proc.signal(libc::SIGTERM);
+    let deadline = Instant::now() + WAIT;
+    while http_get(server.admin, "/readiness").await.status != 503 {
+        assert!(Instant::now() < deadline, "readiness never went 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The utterance in progress plays to its end marker.
+    loop {
+        match c.next_audio(WAIT).await {
+            Step::Frame(_) => continue,
+            Step::End(seq) => {
+                assert_eq!(seq, 51);
+                break;
+            }
+            Step::Other(v) => panic!("before the end marker: {v}"),
+        }
+    }
+    // Talking on at once (as a voice agent does) must not start a new utterance the drain
+    // would cut at --drain-secs: the session ends instead, with nothing of it spoken.
+    c.say("One more thing.").await;
+    let (end, before) = c.recv_until(WAIT, |v| v["type"] == "session_end").await;
+    assert!(before.is_empty(), "nothing before session_end: {before:?}");
+    assert_eq!(end["reason"], "shutdown");
+    match c.recv(WAIT).await {
+        Incoming::Close(Some((code, _))) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    assert!(server.proc.wait_exit(WAIT).success());
+}
