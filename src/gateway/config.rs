@@ -99,6 +99,8 @@ pub struct OrchestratorArgs {
     #[command(flatten)]
     pub auth: super::auth::AuthArgs,
     #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+    #[command(flatten)]
     pub limits: super::limits::LimitArgs,
 }
 
@@ -187,6 +189,7 @@ pub struct Config {
     /// Secret sent to workers as gRPC `authorization` metadata.
     pub worker_token: Option<crate::grpc::tts::WorkerAuth>,
     pub auth: super::auth::AuthArgs,
+    pub tls: super::tls::TlsArgs,
     pub limits: super::limits::LimitArgs,
     /// Skip the exclusive-port check (`--takeover`).
     pub takeover: bool,
@@ -267,6 +270,7 @@ impl Config {
             drain: secs("--drain-secs", args.drain_secs)?.unwrap_or(Duration::ZERO),
             worker_token,
             auth: args.auth.clone(),
+            tls: args.tls.clone(),
             limits,
             takeover: args.takeover,
             first_frame_timeout: secs("--first-frame-timeout-secs", args.first_frame_timeout_secs)?
