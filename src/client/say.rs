@@ -311,7 +311,7 @@ async fn say(args: SayArgs) -> anyhow::Result<()> {
     // `url` already carries the options.
     let mut opts = options(None, None);
     if let Some(ca) = &args.ca {
-        opts.tls = Some(crate::client::conn::tls_config(ca)?);
+        opts.tls = Some(crate::client::tls_config(ca)?);
     }
     if let Some(token) = &args.token {
         opts.headers
