@@ -223,3 +223,106 @@ async fn a_tls_connection_that_stalls_in_the_handshake_is_closed_by_the_head_dea
     assert!(matches!(n, Ok(0) | Err(_)), "got {n:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn workers_over_tls_with_a_token_static_and_discovered_through_redis() {
+    let dir = cert_dir("worker");
+    let cert = dir.join("cert.pem").to_string_lossy().to_string();
+    let key = dir.join("key.pem").to_string_lossy().to_string();
+    let token = dir.join("worker-token");
+    std::fs::write(&token, "a-worker-secret\n").expect("token file");
+    let token = token.to_string_lossy().to_string();
+    let redis = common::redis::RedisServer::start();
+    let worker = Worker::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--worker-token-file",
+        &token,
+        "--redis",
+        &redis.url(),
+        "--name",
+        "tls-worker",
+    ])
+    .await;
+    // It registers as grpcs:// so readers know to dial TLS.
+    let deadline = Instant::now() + WAIT;
+    let record = loop {
+        if let Some(r) = redis.get("worker:tls-worker") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        record.contains(&format!("\"grpcs://{}\"", worker.addr)),
+        "{record}"
+    );
+
+    // Static grpcs:// worker: audio flows.
+    let tls_url = format!("grpcs://{}", worker.addr);
+    let server = Server::serve(
+        &tls_url,
+        &["--worker-ca", &cert, "--worker-token-file", &token],
+    )
+    .await;
+    let mut c = server.client("pacing=asap").await;
+    c.say("Over TLS to the worker.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+
+    // Discovered through Redis with --worker-ca: audio flows too.
+    let admin = free_addr();
+    let addr = free_addr();
+    let url = redis.url();
+    let args = [
+        "serve",
+        "--listen",
+        &addr.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+        "--redis",
+        &url,
+        "--worker-ca",
+        &cert,
+        "--worker-token-file",
+        &token,
+    ]
+    .map(str::to_string);
+    let mut proc = Proc::spawn("serve", &args);
+    proc.wait_accepting(addr, WAIT).await;
+    let discovered = Server { proc, addr, admin };
+    let deadline = Instant::now() + 2 * WAIT;
+    let want = worker.addr.to_string();
+    while !http_get(discovered.admin, "/health")
+        .await
+        .body
+        .contains(&want)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS worker was never discovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = discovered.client("pacing=asap").await;
+    c.say("Found in Redis.").await;
+    c.collect_utterance(WAIT).await.assert_complete(MOCK_FRAMES);
+
+    // An orchestrator speaking plaintext gRPC to the TLS worker gets no audio and the
+    // client a clear WORKER_UNAVAILABLE, not a hang.
+    let plain = Server::serve(&worker.url(), &["--worker-token-file", &token]).await;
+    let mut c = plain.client("").await;
+    c.say("Plaintext to a TLS worker.").await;
+    let (err, _) = c.recv_until(WAIT, |v| v["type"] == "error").await;
+    assert_eq!(err["code"], "WORKER_UNAVAILABLE", "{err}");
+
+    // A grpcs:// worker without --worker-ca is a start-up error that says what is missing.
+    let (status, _, stderr) = run_cli(
+        &["serve", "--listen", "127.0.0.1:0", "--worker", &tls_url],
+        WAIT,
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("--worker-ca"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

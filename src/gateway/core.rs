@@ -151,6 +151,7 @@ impl Core {
                 shared.discovery.clone(),
                 shared.book.clone(),
                 shared.config.worker_token.clone(),
+                shared.config.worker_tls.clone(),
             ),
             pacer: Pacer::new(shared.config.coalesce)?,
             json_arena: RefCell::new(BytesMut::new()),
