@@ -48,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "long_session",
     "barge_in",
     "scale",
+    "tls",
     "soak",
 ];
 
@@ -66,6 +67,10 @@ pub struct BenchArgs {
     /// Run a short CI-sized pass (< 60 s) that checks correctness only.
     #[arg(long)]
     pub quick: bool,
+    /// Run the `tls` scenario (TLS against plain TCP, FAL and CPU per frame in one run) besides
+    /// those `--only` names; alone, the same as `--only tls`.
+    #[arg(long)]
+    pub tls: bool,
     /// Run only these scenarios (comma-separated).
     #[arg(
         long,
@@ -142,7 +147,11 @@ impl Ctx {
 
 /// Runs the benchmark: prints the tables, writes the JSON, fails only on correctness.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let selected = select(&args.only)?;
+    let mut only = args.only.clone();
+    if args.tls && !only.iter().any(|o| o == "tls") {
+        only.push("tls".into());
+    }
+    let selected = select(&only)?;
     let nofile = procfs::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -326,7 +335,7 @@ async fn run_pass(
     // FAL ratios need the floor even when it is not selected; measure it quietly then.
     let needs_floor = selected
         .iter()
-        .any(|s| !matches!(*s, "floor" | "scale" | "soak"));
+        .any(|s| !matches!(*s, "floor" | "scale" | "soak" | "tls"));
     if needs_floor && !selected.contains(&"floor") {
         let r = scenarios::run_one("floor", &mut ctx).await;
         ctx.floor = r

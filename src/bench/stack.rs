@@ -191,6 +191,14 @@ impl Stack {
     pub fn spawn_fresh_serve(&self) -> Result<Proc> {
         spawn_serve(&self.opts, self.worker.addr)
     }
+
+    /// Starts one more orchestrator against this stack's worker with `extra` arguments;
+    /// returns it and where it serves `/metrics`.
+    pub fn spawn_serve_with(&self, extra: &[String]) -> Result<(Proc, String)> {
+        let mut opts = self.opts.clone();
+        opts.serve_args.extend(extra.iter().cloned());
+        spawn_serve_with_metrics(&opts, self.worker.addr)
+    }
 }
 
 fn spawn_worker(opts: &StackOpts) -> Result<Proc> {

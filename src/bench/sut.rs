@@ -110,6 +110,23 @@ impl Sut {
         }
     }
 
+    /// Starts one more orchestrator with `extra` arguments against the running worker;
+    /// spawned mode only. Returns it and where it serves `/metrics`.
+    pub fn spawn_serve_with(&self, extra: &[String]) -> Option<Result<(Proc, String)>> {
+        match self {
+            Sut::Spawned { stack: Some(s), .. } => Some(s.spawn_serve_with(extra)),
+            _ => None,
+        }
+    }
+
+    /// Where spawned processes write their logs (and scenarios their scratch files).
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Sut::Spawned { opts, .. } => Some(&opts.log_dir),
+            Sut::External { .. } => None,
+        }
+    }
+
     /// How the audio is produced, for the scenario's setup line.
     pub fn mock_desc(&self) -> String {
         match self {

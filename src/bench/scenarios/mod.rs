@@ -14,6 +14,7 @@ mod long_session;
 mod scale;
 mod soak;
 mod stream;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,7 @@ pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
         "barge_in" => barge_in::run(ctx).await,
         "scale" => scale::run(ctx).await,
         "soak" => soak::run(ctx).await,
+        "tls" => tls::run(ctx).await,
         other => Err(anyhow::anyhow!("no scenario named {other}")),
     };
     let mut r = res.unwrap_or_else(|e| {

@@ -85,33 +85,33 @@ fn ours_jitter_p99(n: u32) -> f64 {
 
 /// What one step measured.
 #[derive(Default)]
-struct Step {
-    n: u32,
-    connected: u32,
-    connect_errors: u64,
-    connect: Hist,
-    agg: Agg,
-    task_errors: Vec<String>,
-    window_s: f64,
+pub(super) struct Step {
+    pub(super) n: u32,
+    pub(super) connected: u32,
+    pub(super) connect_errors: u64,
+    pub(super) connect: Hist,
+    pub(super) agg: Agg,
+    pub(super) task_errors: Vec<String>,
+    pub(super) window_s: f64,
     /// Host steal during the window (% of the CPU time the VM wanted).
-    steal: Option<f64>,
-    orch_cpu: Option<f64>,
-    worker_cpu: Option<f64>,
-    gen_cpu: f64,
-    rss_idle: Option<u64>,
-    rss_stream: Option<u64>,
+    pub(super) steal: Option<f64>,
+    pub(super) orch_cpu: Option<f64>,
+    pub(super) worker_cpu: Option<f64>,
+    pub(super) gen_cpu: f64,
+    pub(super) rss_idle: Option<u64>,
+    pub(super) rss_stream: Option<u64>,
     /// The orchestrator's own `/metrics` at the window's start and end, if it serves them.
-    server: Option<(Scrape, Scrape)>,
+    pub(super) server: Option<(Scrape, Scrape)>,
 }
 
 impl Step {
     /// CPU µs per received frame of a process that used `cpu` % of a core in the window.
-    fn cpu_us_per_frame(&self, cpu: Option<f64>) -> Option<f64> {
+    pub(super) fn cpu_us_per_frame(&self, cpu: Option<f64>) -> Option<f64> {
         let frames = self.agg.frames as f64;
         (frames > 0.0).then_some(cpu? / 100.0 * self.window_s * 1e6 / frames)
     }
 
-    fn errors(&self) -> u64 {
+    pub(super) fn errors(&self) -> u64 {
         self.connect_errors + self.task_errors.len() as u64 + self.agg.problems(true).len() as u64
     }
 }
@@ -175,14 +175,37 @@ async fn stream_session(
     Ok(())
 }
 
+/// The orchestrator a step measures: the bench's own (`scale`) or another one the scenario
+/// started (`tls`).
+pub(super) struct Measured {
+    /// Its pid, for `/proc` CPU and RSS.
+    pub pid: Option<u32>,
+    /// Where it serves `/metrics`.
+    pub metrics: Option<String>,
+}
+
 async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
+    let target = Measured {
+        pid: ctx.sut.pid(),
+        metrics: ctx.sut.metrics_authority(),
+    };
+    step_on(ctx, url, n, secs, &target).await
+}
+
+/// One step against `target`: `n` sessions streaming for `secs` seconds.
+pub(super) async fn step_on(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64, target: &Measured) -> Step {
+    let sample = || {
+        target
+            .pid
+            .and_then(|p| crate::bench::procfs::sample(p).ok())
+    };
     let mut s = Step {
         n,
         ..Step::default()
     };
     let conns = connect_all(url, n, &mut s).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    s.rss_idle = ctx.sut.sample().map(|p| p.rss_kib);
+    s.rss_idle = sample().map(|p| p.rss_kib);
 
     let (stagger, settle) = ctx.n((STAGGER, SETTLE), (STAGGER / 2, SETTLE / 2));
     let t0 = Instant::now();
@@ -202,15 +225,12 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
         })
         .collect();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;
-    let (o0, w0, g0) = (ctx.sut.sample(), ctx.sut.sample_worker(), SelfCpu::start());
+    let (o0, w0, g0) = (sample(), ctx.sut.sample_worker(), SelfCpu::start());
     let ticks0 = CpuTicks::now();
-    let metrics = ctx
-        .sut
-        .metrics_authority()
-        .unwrap_or_else(|| url.authority());
+    let metrics = target.metrics.clone().unwrap_or_else(|| url.authority());
     let m0 = server_metrics::scrape(&metrics, SCRAPE_TIMEOUT).await.ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.1)).await;
-    let (o1, w1) = (ctx.sut.sample(), ctx.sut.sample_worker());
+    let (o1, w1) = (sample(), ctx.sut.sample_worker());
     s.steal = CpuTicks::now()
         .zip(ticks0)
         .and_then(|(b, a)| b.steal_percent_since(&a));
