@@ -46,6 +46,9 @@ pub enum Command {
     Token(crate::gateway::auth::TokenArgs),
     /// Write a self-signed certificate and key (cert.pem, key.pem) for trying `--tls-cert`.
     Cert(crate::gateway::tls::CertArgs),
+    /// The bench's paced-writer floor (spawned by `duplex bench`; see src/bench/floor_writer.rs).
+    #[command(hide = true)]
+    FloorWriter(crate::bench::floor_writer::FloorWriterArgs),
 }
 
 /// Flags of `duplex serve`.
@@ -153,6 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cert(args) => crate::gateway::tls::write_self_signed(&args),
+        Command::FloorWriter(args) => crate::bench::floor_writer::run(args),
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod floor;
+pub mod floor_writer;
 pub mod procfs;
 pub mod report;
 mod scenarios;
@@ -47,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "rapid_messages",
     "long_session",
     "barge_in",
+    "floor_writer",
     "scale",
     "tls",
     "soak",
@@ -119,6 +121,11 @@ pub struct BenchArgs {
         conflicts_with = "url"
     )]
     pub baseline_serve_args: Vec<String>,
+    /// Pin the orchestrator (and the floor writer) to one CPU and the worker and this load
+    /// generator to the others, so the orchestrator's per-frame cost and one-core capacity are
+    /// measured without its neighbours (the header reports what the kernel granted).
+    #[arg(long, conflicts_with = "url")]
+    pub isolate: bool,
     /// Directory for the spawned processes' logs (default: a temp directory).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -132,6 +139,8 @@ pub(crate) struct Ctx {
     pub sut: Sut,
     /// The floor's round trip, once measured (FAL ratios are reported against it).
     pub floor: Option<Summary>,
+    /// The paced-writer floors, once measured (scale's CPU per frame is reported against them).
+    pub floor_cpu: Vec<scenarios::FloorCpu>,
 }
 
 impl Ctx {
@@ -195,6 +204,13 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
     };
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("create log dir {}", log_dir.display()))?;
+    let isolate = if args.isolate {
+        let i = stack::Isolation::split()?;
+        stack::pin_self(&i.others)?;
+        Some(i)
+    } else {
+        None
+    };
     let spawned = |bin: Option<&std::path::Path>, serve_args: &[String], dir: PathBuf| {
         Ok::<_, anyhow::Error>(Sut::Spawned {
             opts: stack::StackOpts {
@@ -204,6 +220,7 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
                 serve_args: serve_args.to_vec(),
                 worker_args: args.worker_args.clone(),
                 worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
+                isolate: isolate.clone(),
             },
             stack: None,
         })
@@ -330,12 +347,13 @@ async fn run_pass(
         args: args.clone(),
         sut,
         floor: None,
+        floor_cpu: Vec::new(),
     };
     let mut reports: Vec<ScenarioReport> = Vec::new();
     // FAL ratios need the floor even when it is not selected; measure it quietly then.
     let needs_floor = selected
         .iter()
-        .any(|s| !matches!(*s, "floor" | "scale" | "soak" | "tls"));
+        .any(|s| !matches!(*s, "floor" | "floor_writer" | "scale" | "soak" | "tls"));
     if needs_floor && !selected.contains(&"floor") {
         let r = scenarios::run_one("floor", &mut ctx).await;
         ctx.floor = r

@@ -286,6 +286,22 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
             fmt,
         ),
     );
+    if let (Some(asked), Some(pid), Some(wpid)) = (
+        ctx.sut.orchestrator_cpus(),
+        ctx.sut.pid(),
+        ctx.sut.worker_pid(),
+    ) {
+        use crate::bench::stack::cpus_of;
+        r.row(Row::text(
+            "--isolate: CPUs granted",
+            format!(
+                "orchestrator {:?} (asked {asked:?}), worker {:?}, generator {:?}",
+                cpus_of(pid),
+                cpus_of(wpid),
+                cpus_of(0)
+            ),
+        ));
+    }
     // The orchestrator at rest.
     let a = ctx.sut.sample();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -315,6 +331,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     for &n in &steps {
         let s = step(ctx, &url, n, secs).await;
         rows(&mut r, &s, rss_base);
+        floor_rows(&mut r, &s, ctx);
         let jitter_ok = s.agg.jitter.quantile_ms(0.99).is_some_and(|j| j < 2.0);
         if jitter_ok && s.errors() == 0 {
             best_ok = Some(n);
@@ -509,6 +526,30 @@ fn rows(r: &mut ScenarioReport, s: &Step, rss_base: Option<u64>) {
 }
 
 /// A row for a bucket-resolution percentile of the server's own histograms.
+/// The orchestrator's CPU per frame as a multiple of the paced-writer floors measured in this
+/// run (`floor_writer`), when they were: goal ≤ 1.5× the forwarder's floor from 1000 sessions.
+fn floor_rows(r: &mut ScenarioReport, s: &Step, ctx: &Ctx) {
+    let Some(f) = ctx.floor_cpu.iter().find(|f| f.sessions == s.n) else {
+        return;
+    };
+    let ours = s.cpu_us_per_frame(s.orch_cpu);
+    let ratio = |floor: Option<f64>| ours.zip(floor).and_then(|(o, f)| (f > 0.0).then(|| o / f));
+    r.row(Row::new(
+        format!("N={} orchestrator CPU per frame / writer floor", s.n),
+        ratio(f.writer_us),
+        Unit::Ratio,
+        None,
+        None,
+    ));
+    r.row(Row::new(
+        format!("N={} orchestrator CPU per frame / forwarder floor", s.n),
+        ratio(f.forwarder_us),
+        Unit::Ratio,
+        None,
+        if s.n >= 1000 { Target::le(1.5) } else { None },
+    ));
+}
+
 fn bound_row(metric: String, b: Option<Bound>) -> Row {
     match b {
         Some(Bound::AtMost(x)) => Row {
