@@ -44,6 +44,11 @@ pub enum Command {
     Say(crate::client::SayArgs),
     /// Mint an HS256 token for a gateway started with `--jwt-secret-file` (for trying it out).
     Token(crate::gateway::auth::TokenArgs),
+    /// Write a self-signed certificate and key (cert.pem, key.pem) for trying `--tls-cert`.
+    Cert(crate::gateway::tls::CertArgs),
+    /// The bench's paced-writer floor (spawned by `duplex bench`; see src/bench/floor_writer.rs).
+    #[command(hide = true)]
+    FloorWriter(crate::bench::floor_writer::FloorWriterArgs),
 }
 
 /// Flags of `duplex serve`.
@@ -113,9 +118,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let worker_url = format!("grpc://{}", worker.local_addr());
             let config = Config::new(&args.listen, &[worker_url], &args.orchestrator)?;
             let model = config.model.clone();
+            let (ws, http) = if config.tls.tls_cert.is_some() {
+                ("wss", "https")
+            } else {
+                ("ws", "http")
+            };
             let orchestrator = crate::gateway::Orchestrator::start(config)?;
             let addr = orchestrator.local_addr();
-            println!("duplex demo: ws://{addr}/   web page: http://{addr}/");
+            println!("duplex demo: {ws}://{addr}/   web page: {http}://{addr}/");
             match voice {
                 DemoVoice::Espeak { version } => println!(
                     "  voice: {model} (espeak-ng {version}); switch with --model ID or ?model=ID \
@@ -145,6 +155,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::gateway::auth::mint(&args)?);
             Ok(())
         }
+        Command::Cert(args) => crate::gateway::tls::write_self_signed(&args),
+        Command::FloorWriter(args) => crate::bench::floor_writer::run(args),
     }
 }
 

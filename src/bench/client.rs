@@ -22,8 +22,9 @@ pub const PCM_B64_LEN: usize = 2560;
 
 /// A parsed `ws://host:port/path?query` address.
 ///
-/// Why our own parser: the generator needs only host, port and path for a plain loopback
-/// connection, and `wss://` is deliberately out of scope (TLS would measure the TLS library).
+/// Why our own parser: the generator needs only host, port and path for a loopback
+/// connection. `--url` takes `ws://` only; `wss://` is what the `tls` scenario builds itself
+/// (with [`WsUrl::with_tls`]) to compare TLS against plain TCP on the same machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WsUrl {
     /// Host name or IP literal as written (used for the `Host` header and to connect).
@@ -32,6 +33,26 @@ pub struct WsUrl {
     pub port: u16,
     /// Path plus query, always starting with `/`.
     pub path: String,
+    /// Speak `wss://`, trusting this configuration.
+    pub tls: Option<TlsTrust>,
+}
+
+/// A client TLS configuration, compared by identity (for [`WsUrl`]'s equality).
+#[derive(Clone)]
+pub struct TlsTrust(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl PartialEq for TlsTrust {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsTrust {}
+
+impl std::fmt::Debug for TlsTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsTrust")
+    }
 }
 
 impl WsUrl {
@@ -74,7 +95,20 @@ impl WsUrl {
                 None => (authority.to_string(), 80),
             }
         };
-        Ok(Self { host, port, path })
+        Ok(Self {
+            host,
+            port,
+            path,
+            tls: None,
+        })
+    }
+
+    /// The same address over `wss://`, trusting `trust`.
+    pub fn with_tls(&self, trust: TlsTrust) -> Self {
+        Self {
+            tls: Some(trust),
+            ..self.clone()
+        }
     }
 
     /// The same URL with `key=value` query parameters appended (the caller's own query is kept).
@@ -218,8 +252,13 @@ impl Conn {
     /// `deadline`; returns the connection, the session id and the instant `session_start`
     /// arrived.
     pub async fn open(url: &WsUrl, deadline: Deadline) -> Result<(Conn, String, Instant)> {
-        let url = format!("ws://{}{}", url.authority(), url.path);
-        let client = Client::connect_until(&url, &Options::default(), deadline).await?;
+        let scheme = if url.tls.is_some() { "wss" } else { "ws" };
+        let opts = Options {
+            tls: url.tls.as_ref().map(|t| t.0.clone()),
+            ..Options::default()
+        };
+        let url = format!("{scheme}://{}{}", url.authority(), url.path);
+        let client = Client::connect_until(&url, &opts, deadline).await?;
         let id = client.session_id().to_owned();
         let at = client.session().at;
         Ok((Conn { client }, id, at))

@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod floor;
+pub mod floor_writer;
 pub mod procfs;
 pub mod report;
 mod scenarios;
@@ -47,7 +48,9 @@ pub const SCENARIOS: &[&str] = &[
     "rapid_messages",
     "long_session",
     "barge_in",
+    "floor_writer",
     "scale",
+    "tls",
     "soak",
     "chaos",
 ];
@@ -71,6 +74,10 @@ pub struct BenchArgs {
     /// Run a short CI-sized pass (< 60 s) that checks correctness only.
     #[arg(long)]
     pub quick: bool,
+    /// Run the `tls` scenario (TLS against plain TCP, FAL and CPU per frame in one run) besides
+    /// those `--only` names; alone, the same as `--only tls`.
+    #[arg(long)]
+    pub tls: bool,
     /// Run only these scenarios (comma-separated).
     #[arg(
         long,
@@ -119,6 +126,11 @@ pub struct BenchArgs {
         conflicts_with = "url"
     )]
     pub baseline_serve_args: Vec<String>,
+    /// Pin the orchestrator (and the floor writer) to one CPU and the worker and this load
+    /// generator to the others, so the orchestrator's per-frame cost and one-core capacity are
+    /// measured without its neighbours (the header reports what the kernel granted).
+    #[arg(long, conflicts_with = "url")]
+    pub isolate: bool,
     /// Directory for the spawned processes' logs (default: a temp directory).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -132,6 +144,8 @@ pub(crate) struct Ctx {
     pub sut: Sut,
     /// The floor's round trip, once measured (FAL ratios are reported against it).
     pub floor: Option<Summary>,
+    /// The paced-writer floors, once measured (scale's CPU per frame is reported against them).
+    pub floor_cpu: Vec<scenarios::FloorCpu>,
 }
 
 impl Ctx {
@@ -147,7 +161,11 @@ impl Ctx {
 
 /// Runs the benchmark: prints the tables, writes the JSON, fails only on correctness.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let selected = select(&args.only)?;
+    let mut only = args.only.clone();
+    if args.tls && !only.iter().any(|o| o == "tls") {
+        only.push("tls".into());
+    }
+    let selected = select(&only)?;
     let nofile = procfs::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -197,6 +215,13 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
     };
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("create log dir {}", log_dir.display()))?;
+    let isolate = if args.isolate {
+        let i = stack::Isolation::split()?;
+        stack::pin_self(&i.others)?;
+        Some(i)
+    } else {
+        None
+    };
     let spawned = |bin: Option<&std::path::Path>, serve_args: &[String], dir: PathBuf| {
         Ok::<_, anyhow::Error>(Sut::Spawned {
             opts: stack::StackOpts {
@@ -206,6 +231,7 @@ async fn run_all(args: BenchArgs, selected: Vec<&'static str>, nofile: u64) -> R
                 serve_args: serve_args.to_vec(),
                 worker_args: args.worker_args.clone(),
                 worker_sessions: args.max_sessions.saturating_mul(2).max(10_000),
+                isolate: isolate.clone(),
             },
             stack: None,
         })
@@ -332,12 +358,16 @@ async fn run_pass(
         args: args.clone(),
         sut,
         floor: None,
+        floor_cpu: Vec::new(),
     };
     let mut reports: Vec<ScenarioReport> = Vec::new();
     // FAL ratios need the floor even when it is not selected; measure it quietly then.
-    let needs_floor = selected
-        .iter()
-        .any(|s| !matches!(*s, "floor" | "scale" | "soak" | "chaos"));
+    let needs_floor = selected.iter().any(|s| {
+        !matches!(
+            *s,
+            "floor" | "floor_writer" | "scale" | "soak" | "tls" | "chaos"
+        )
+    });
     if needs_floor && !selected.contains(&"floor") {
         let r = scenarios::run_one("floor", &mut ctx).await;
         ctx.floor = r
@@ -399,8 +429,28 @@ mod tests {
     }
 
     #[test]
-    fn there_are_fifteen_stable_scenarios() {
-        assert_eq!(SCENARIOS.len(), 15);
+    fn scenario_names_are_stable_identifiers() {
+        // Names are an interface (`--only`, the JSON report, CI): the ones published stay.
+        for old in [
+            "floor",
+            "fal_single",
+            "fal_concurrent_3",
+            "fal_concurrent_10",
+            "frame_jitter",
+            "throughput",
+            "latency_percentiles",
+            "cold_start",
+            "frame_consistency",
+            "rapid_messages",
+            "long_session",
+            "barge_in",
+            "scale",
+            "soak",
+        ] {
+            assert!(SCENARIOS.contains(&old), "{old} disappeared");
+        }
+        let unique: std::collections::HashSet<_> = SCENARIOS.iter().collect();
+        assert_eq!(unique.len(), SCENARIOS.len(), "duplicate names");
         for s in SCENARIOS {
             assert!(s
                 .chars()

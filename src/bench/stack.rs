@@ -49,6 +49,19 @@ impl Proc {
         addr: SocketAddr,
         log: PathBuf,
     ) -> Result<Proc> {
+        Self::spawn_pinned(name, bin, args, addr, log, None)
+    }
+
+    /// [`Proc::spawn`], the child confined to `cpus` (from its first instruction, so every
+    /// thread it starts inherits the mask).
+    pub fn spawn_pinned(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        addr: SocketAddr,
+        log: PathBuf,
+        cpus: Option<&[usize]>,
+    ) -> Result<Proc> {
         let out = std::fs::File::create(&log)
             .with_context(|| format!("create log file {}", log.display()))?;
         let err = out.try_clone().context("dup log file")?;
@@ -58,10 +71,18 @@ impl Proc {
             // Per-session info logs would cost the server CPU at thousands of sessions.
             cmd.env("RUST_LOG", "warn");
         }
-        // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+        let mask = cpus.map(cpu_set);
+        // SAFETY: prctl and sched_setaffinity are async-signal-safe; the closure allocates
+        // nothing (the mask is built before the fork and copied in).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(mask) = &mask {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), mask) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -140,6 +161,82 @@ impl Drop for Proc {
     }
 }
 
+/// A CPU mask of `cpus`.
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET bounds-checks against the set's size.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// The CPUs `pid`'s main thread may run on (what the kernel granted).
+pub fn cpus_of(pid: u32) -> Vec<usize> {
+    // SAFETY: as in `cpu_set`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `set`.
+    let rc = unsafe {
+        libc::sched_getaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
+    if rc != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET bounds-checks against the set's size.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Confines every thread of this process to `cpus` (the generator's side of `--isolate`).
+pub fn pin_self(cpus: &[usize]) -> Result<()> {
+    let mask = cpu_set(cpus);
+    for entry in std::fs::read_dir("/proc/self/task").context("/proc/self/task")? {
+        let tid: libc::pid_t = entry?
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .context("task id")?;
+        // SAFETY: the pointer and size describe `mask`.
+        let rc =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mask) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// `--isolate`: the orchestrator (and the floor writer) on some CPUs, everything else on the
+/// others.
+#[derive(Clone, Debug)]
+pub struct Isolation {
+    /// CPUs for the orchestrator.
+    pub orchestrator: Vec<usize>,
+    /// CPUs for the worker and the load generator.
+    pub others: Vec<usize>,
+}
+
+impl Isolation {
+    /// Splits the CPUs this process may use: the first for the orchestrator, the rest for the
+    /// others. Needs two.
+    pub fn split() -> Result<Isolation> {
+        let mine = cpus_of(0);
+        match mine.split_first() {
+            Some((&first, rest)) if !rest.is_empty() => Ok(Isolation {
+                orchestrator: vec![first],
+                others: rest.to_vec(),
+            }),
+            _ => anyhow::bail!("--isolate needs at least 2 CPUs; this process may use {mine:?}"),
+        }
+    }
+}
+
 /// How to start the stack.
 #[derive(Clone, Debug)]
 pub struct StackOpts {
@@ -155,6 +252,8 @@ pub struct StackOpts {
     pub worker_args: Vec<String>,
     /// Sessions the worker must accept (passed as `--max-sessions` if the worker has it).
     pub worker_sessions: u32,
+    /// `--isolate`: where each process runs.
+    pub isolate: Option<Isolation>,
 }
 
 /// A running worker + orchestrator pair.
@@ -191,6 +290,14 @@ impl Stack {
     pub fn spawn_fresh_serve(&self) -> Result<Proc> {
         spawn_serve(&self.opts, self.worker.addr)
     }
+
+    /// Starts one more orchestrator against this stack's worker with `extra` arguments;
+    /// returns it and where it serves `/metrics`.
+    pub fn spawn_serve_with(&self, extra: &[String]) -> Result<(Proc, String)> {
+        let mut opts = self.opts.clone();
+        opts.serve_args.extend(extra.iter().cloned());
+        spawn_serve_with_metrics(&opts, self.worker.addr)
+    }
 }
 
 fn spawn_worker(opts: &StackOpts) -> Result<Proc> {
@@ -216,7 +323,8 @@ fn spawn_worker(opts: &StackOpts) -> Result<Proc> {
     }
     args.extend(opts.worker_args.iter().cloned());
     let log = opts.log_dir.join(format!("worker-{port}.log"));
-    Proc::spawn("worker", &opts.bin, &args, addr, log)
+    let cpus = opts.isolate.as_ref().map(|i| i.others.as_slice());
+    Proc::spawn_pinned("worker", &opts.bin, &args, addr, log, cpus)
 }
 
 fn spawn_serve(opts: &StackOpts, worker: SocketAddr) -> Result<Proc> {
@@ -252,7 +360,11 @@ fn spawn_serve_with_metrics(opts: &StackOpts, worker: SocketAddr) -> Result<(Pro
     }
     args.extend(opts.serve_args.iter().cloned());
     let log = opts.log_dir.join(format!("serve-{port}.log"));
-    Ok((Proc::spawn("serve", &opts.bin, &args, addr, log)?, metrics))
+    let cpus = opts.isolate.as_ref().map(|i| i.orchestrator.as_slice());
+    Ok((
+        Proc::spawn_pinned("serve", &opts.bin, &args, addr, log, cpus)?,
+        metrics,
+    ))
 }
 
 /// Whether `bin sub --help` lists `flag` (so we pass it only to binaries that have it).

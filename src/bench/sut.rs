@@ -127,6 +127,39 @@ impl Sut {
         }
     }
 
+    /// Starts one more orchestrator with `extra` arguments against the running worker;
+    /// spawned mode only. Returns it and where it serves `/metrics`.
+    pub fn spawn_serve_with(&self, extra: &[String]) -> Option<Result<(Proc, String)>> {
+        match self {
+            Sut::Spawned { stack: Some(s), .. } => Some(s.spawn_serve_with(extra)),
+            _ => None,
+        }
+    }
+
+    /// The duplex binary the bench starts (spawned mode).
+    pub fn bin(&self) -> Option<&std::path::Path> {
+        match self {
+            Sut::Spawned { opts, .. } => Some(&opts.bin),
+            Sut::External { .. } => None,
+        }
+    }
+
+    /// `--isolate`: the CPUs the orchestrator (and the floor writer) run on.
+    pub fn orchestrator_cpus(&self) -> Option<Vec<usize>> {
+        match self {
+            Sut::Spawned { opts, .. } => opts.isolate.as_ref().map(|i| i.orchestrator.clone()),
+            Sut::External { .. } => None,
+        }
+    }
+
+    /// Where spawned processes write their logs (and scenarios their scratch files).
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Sut::Spawned { opts, .. } => Some(&opts.log_dir),
+            Sut::External { .. } => None,
+        }
+    }
+
     /// How the audio is produced, for the scenario's setup line.
     pub fn mock_desc(&self) -> String {
         match self {
@@ -142,13 +175,29 @@ impl Sut {
     /// A one-line description of the mode for the report header.
     pub fn describe(&self) -> String {
         match self {
-            Sut::Spawned { opts, .. } => format!(
+            Sut::Spawned { opts, stack } => format!(
                 "spawned: {} worker + serve on loopback (serve args: {:?}, worker args: {:?}, \
-                 worker --max-sessions {} where supported)",
+                 worker --max-sessions {} where supported){}",
                 opts.bin.display(),
                 opts.serve_args,
                 opts.worker_args,
-                opts.worker_sessions
+                opts.worker_sessions,
+                match (&opts.isolate, stack) {
+                    (Some(i), Some(s)) => format!(
+                        "; --isolate asked orchestrator {:?}, worker + generator {:?}; \
+                         granted orchestrator {:?}, worker {:?}, generator {:?}",
+                        i.orchestrator,
+                        i.others,
+                        super::stack::cpus_of(s.serve.pid),
+                        super::stack::cpus_of(s.worker.pid),
+                        super::stack::cpus_of(0)
+                    ),
+                    (Some(i), None) => format!(
+                        "; --isolate: orchestrator on {:?}, worker + generator on {:?}",
+                        i.orchestrator, i.others
+                    ),
+                    _ => String::new(),
+                }
             ),
             Sut::External { url, pid } => format!(
                 "external target ws://{}{} (resource figures: {})",

@@ -99,6 +99,8 @@ pub struct Options {
     pub headers: Vec<(String, String)>,
     /// Bound on TCP connect + handshake + `session_start`, together.
     pub connect_timeout: Duration,
+    /// Whom to trust for `wss://` (see [`tls_config`]); `None` refuses `wss://` URLs.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Options {
@@ -111,6 +113,94 @@ impl Default for Options {
             input_rate: None,
             headers: Vec::new(),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
+        }
+    }
+}
+
+/// A TLS client configuration trusting the PEM certificates in `ca` (a private CA, or the
+/// server's self-signed certificate): what `duplex say --ca` uses for `wss://`.
+pub fn tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>, Error> {
+    use rustls::pki_types::pem::PemObject as _;
+    let bad = |e: String| Error::Usage(format!("--ca {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))?
+    {
+        roots
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no PEM certificate found".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// The byte stream under the WebSocket: plain TCP or TLS over it.
+#[allow(clippy::large_enum_variant)] // one per connection; boxing would add a pointer hop per read
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -229,7 +319,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stamped<S> {
 }
 
 /// The WebSocket stream under a [`Client`].
-pub type Ws = WebSocketStream<Stamped<TcpStream>>;
+pub type Ws = WebSocketStream<Stamped<Stream>>;
 
 /// One audio message as it arrived, not decoded: JSON base64 stays base64.
 #[derive(Debug, Clone)]
@@ -515,9 +605,10 @@ impl Client {
         let mut req = url
             .into_client_request()
             .map_err(|e| Error::Usage(format!("bad URL {url}: {e}")))?;
-        if req.uri().scheme_str() != Some("ws") {
+        let secure = req.uri().scheme_str() == Some("wss");
+        if secure && opts.tls.is_none() {
             return Err(Error::Usage(format!(
-                "{url}: only ws:// is supported (this build has no TLS)"
+                "{url}: wss:// needs a certificate to trust (--ca FILE)"
             )));
         }
         for (k, v) in &opts.headers {
@@ -532,7 +623,10 @@ impl Client {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = req.uri().port_u16().unwrap_or(80);
+        let port = req
+            .uri()
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         let tcp = tokio::time::timeout_at(deadline, TcpStream::connect((host.as_str(), port)))
             .await
             .map_err(|_| connect_err("timed out".into()))?
@@ -544,7 +638,21 @@ impl Client {
         config.read_buffer_size = READ_BUFFER;
         config.max_message_size = Some(MAX_MESSAGE);
         config.max_frame_size = Some(MAX_MESSAGE);
-        let hs = tokio_tungstenite::client_async_with_config(req, Stamped::new(tcp), Some(config));
+        let stream = match &opts.tls {
+            Some(tls) if secure => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| Error::Usage(format!("{url}: bad TLS server name: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let tls = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| connect_err("TLS handshake timed out".into()))?
+                    .map_err(|e| connect_err(format!("TLS: {e}")))?;
+                Stream::Tls(tls)
+            }
+            _ => Stream::Plain(tcp),
+        };
+        let hs =
+            tokio_tungstenite::client_async_with_config(req, Stamped::new(stream), Some(config));
         match tokio::time::timeout_at(deadline, hs).await {
             Err(_) => Err(connect_err("handshake timed out".into())),
             Ok(Ok((ws, _resp))) => Ok(ws),

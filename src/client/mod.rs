@@ -26,8 +26,8 @@ mod utterance;
 pub mod wav;
 
 pub use conn::{
-    parse_binary_message, parse_text, Client, Error, Incoming, Kind, Options, Received,
-    SessionStart, Stamped, WireAudio, Ws,
+    parse_binary_message, parse_text, tls_config, Client, Error, Incoming, Kind, Options, Received,
+    SessionStart, Stamped, Stream, WireAudio, Ws,
 };
 pub use say::{run, SayArgs};
 pub use utterance::{Frame, Utterance, Wait};

@@ -50,6 +50,14 @@ pub struct SayArgs {
     /// Give up when the server sends nothing for this many seconds while audio is due.
     #[arg(long, default_value_t = 30.0)]
     pub timeout_secs: f64,
+    /// PEM certificate(s) to trust for a `wss://` URL: a private CA or the server's
+    /// self-signed certificate.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Credential sent as `Authorization: Bearer` (a static token or a JWT, e.g. from
+    /// `duplex token`); read from the environment so it stays out of `ps`.
+    #[arg(long, env = "DUPLEX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Runs `duplex say` to completion.
@@ -301,7 +309,15 @@ async fn say(args: SayArgs) -> anyhow::Result<()> {
         to_stderr: matches!(sink, Sink::Stdout(_)),
     };
     // `url` already carries the options.
-    let client = Client::connect(&url, &options(None, None)).await?;
+    let mut opts = options(None, None);
+    if let Some(ca) = &args.ca {
+        opts.tls = Some(crate::client::tls_config(ca)?);
+    }
+    if let Some(token) = &args.token {
+        opts.headers
+            .push(("Authorization".into(), format!("Bearer {token}")));
+    }
+    let client = Client::connect(&url, &opts).await?;
     eprintln!(
         "connected to {url}: session {} (model {})",
         client.session_id(),

@@ -78,6 +78,10 @@ pub struct OrchestratorArgs {
     /// (workers started with the same `--worker-token-file` refuse calls without it).
     #[arg(long, env = "DUPLEX_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<std::path::PathBuf>,
+    /// PEM certificate(s) of the CA workers' certificates chain to: every worker connection
+    /// then speaks TLS (`grpcs://`; workers started with `--tls-cert`).
+    #[arg(long, env = "DUPLEX_WORKER_CA")]
+    pub worker_ca: Option<std::path::PathBuf>,
     /// A synthesis whose first frame takes longer than this fails (SYNTHESIS_FAILED + end
     /// marker) and the worker is marked unhealthy. Real TTS models answer within a second or
     /// two on a loaded GPU; 10 s is far past any healthy one.
@@ -98,6 +102,8 @@ pub struct OrchestratorArgs {
     pub takeover: bool,
     #[command(flatten)]
     pub auth: super::auth::AuthArgs,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     #[command(flatten)]
     pub limits: super::limits::LimitArgs,
 }
@@ -186,7 +192,10 @@ pub struct Config {
     pub drain: Duration,
     /// Secret sent to workers as gRPC `authorization` metadata.
     pub worker_token: Option<crate::grpc::tts::WorkerAuth>,
+    /// TLS to workers (`--worker-ca`); `None`: plain TCP.
+    pub worker_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub auth: super::auth::AuthArgs,
+    pub tls: super::tls::TlsArgs,
     pub limits: super::limits::LimitArgs,
     /// Skip the exclusive-port check (`--takeover`).
     pub takeover: bool,
@@ -211,10 +220,19 @@ impl Config {
         if cores == 0 || cores > 1024 {
             bail!("--cores must be between 1 and 1024, got {cores}");
         }
+        if let Some(w) = workers.iter().find(|w| w.starts_with("grpcs://")) {
+            if args.worker_ca.is_none() {
+                bail!("worker {w}: grpcs:// needs --worker-ca (the CA its certificate chains to)");
+            }
+        }
         let workers = workers
             .iter()
             .map(|w| worker_addr(w))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let worker_tls = match &args.worker_ca {
+            Some(ca) => Some(crate::grpc::client::tls_config(ca).context("--worker-ca")?),
+            None => None,
+        };
         if args.max_message_bytes < 1024 {
             bail!("--max-message-bytes must be at least 1024");
         }
@@ -266,7 +284,9 @@ impl Config {
             admin_listen,
             drain: secs("--drain-secs", args.drain_secs)?.unwrap_or(Duration::ZERO),
             worker_token,
+            worker_tls,
             auth: args.auth.clone(),
+            tls: args.tls.clone(),
             limits,
             takeover: args.takeover,
             first_frame_timeout: secs("--first-frame-timeout-secs", args.first_frame_timeout_secs)?
@@ -304,9 +324,12 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Option<Duration>> {
     Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
 }
 
-/// Accepts `grpc://host:port` or `host:port`; returns `host:port`.
+/// Accepts `grpc://host:port`, `grpcs://host:port` or `host:port`; returns `host:port`.
 pub fn worker_addr(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("grpc://").unwrap_or(url);
+    let rest = url
+        .strip_prefix("grpc://")
+        .or_else(|| url.strip_prefix("grpcs://"))
+        .unwrap_or(url);
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {

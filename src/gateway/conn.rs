@@ -18,23 +18,33 @@ use super::core::Core;
 use super::listener::Sessions;
 use super::session::{Options, Session};
 use super::vad;
+use super::wire::{Wire, MAX_IOV};
 use crate::protocol::{CloseReason, Format, ServerEvent};
 use crate::ws::codec::{Decoder, Inbound};
 use crate::ws::handshake::{self, Parsed};
 
-/// Most iovecs per `writev` (the kernel limit is 1024).
-const MAX_IOV: usize = 512;
 /// Bytes read per `read` on a client socket.
 const READ_BUF: usize = 4096;
 /// How long a session the server closed waits for the client to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Serves one accepted connection to its end.
-pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
     let shared = core.shared.clone();
+    let stream = match shared.tls.current() {
+        None => Wire::plain(tcp),
+        Some(config) => match Wire::tls(tcp, config) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "TLS session setup failed");
+                return;
+            }
+        },
+    };
     // Read the request head, bounded in size and in time counted from accept (bytes or not),
-    // so a connection that sends nothing can't hold a file descriptor.
+    // so a connection that sends nothing can't hold a file descriptor. With TLS the
+    // handshake runs inside these reads, under the same deadline.
     let mut head = Vec::with_capacity(1024);
     let mut buf = vec![0u8; READ_BUF];
     let deadline = super::limits::secs(shared.config.limits.head_timeout_secs);
@@ -43,7 +53,14 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, pe
             let (res, b) = stream.read(buf).await;
             buf = b;
             match res {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => return None,
+                Err(e) => {
+                    if stream.is_tls() {
+                        shared.metrics.tls_failure();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    return None;
+                }
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
             match handshake::parse(&head) {
@@ -75,7 +92,7 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, pe
         let _ = stream
             .write_all(super::admin::handle_public(&shared, &req))
             .await;
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        stream.close_write().await;
         return;
     }
     let refuse = |status: u16, body: &'static str| {
@@ -135,7 +152,7 @@ pub async fn serve(core: Rc<Core>, sessions: Rc<Sessions>, stream: TcpStream, pe
         return;
     }
     let key_str = req.ws_key.clone().unwrap_or_default();
-    let (res, _) = stream.write_all(handshake::accept_response(&key_str)).await;
+    let res = stream.write_all(handshake::accept_response(&key_str)).await;
     if res.is_ok() {
         if let Some(sub) = &grant.subject {
             tracing::debug!(%peer, subject = ?sub, "authenticated");
@@ -213,7 +230,7 @@ fn new_session_id() -> String {
 async fn run_session(
     core: &Rc<Core>,
     sessions: &Sessions,
-    stream: TcpStream,
+    stream: Wire,
     opts: Options,
     leftover: Vec<u8>,
 ) {
@@ -327,7 +344,7 @@ async fn run_session(
 
 /// Drains the session's output queue into the socket with vectored writes; closes the socket
 /// once the session has finished its output.
-async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
+async fn writer(session: Rc<Session>, stream: Rc<Wire>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     loop {
         let done = session.output.take(&mut batch, MAX_IOV);
@@ -338,7 +355,7 @@ async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
             session.output.ready().await;
             continue;
         }
-        if let Err(e) = write_all(&stream, &mut batch).await {
+        if let Err(e) = stream.write_batch(&mut batch).await {
             tracing::debug!(parent: &session.span, error = %e, "write failed");
             session.output.dead();
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -350,37 +367,13 @@ async fn writer(session: Rc<Session>, stream: Rc<TcpStream>) {
     // arriving with a reset, which can destroy the `session_end` and close frame on their way
     // to the client. A client that doesn't close within CLOSE_LINGER has its input cut off
     // (SHUT_RD completes the reader's pending read).
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    stream.close_write().await;
     tokio::select! {
         _ = session.output.reader_stopped() => {}
         _ = tokio::time::sleep(CLOSE_LINGER) => {
             let _ = stream.shutdown(std::net::Shutdown::Read);
         }
     }
-}
-
-/// Writes every chunk of `batch` (handling partial writes) and leaves it empty.
-async fn write_all(stream: &TcpStream, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
-    while !batch.is_empty() {
-        let (res, b) = stream.writev(std::mem::take(batch)).await;
-        *batch = b;
-        let mut n = res?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut done = 0;
-        for chunk in batch.iter_mut() {
-            if n >= chunk.len() {
-                n -= chunk.len();
-                done += 1;
-            } else {
-                bytes::Buf::advance(chunk, n);
-                break;
-            }
-        }
-        batch.drain(..done);
-    }
-    Ok(())
 }
 
 /// Ends sessions that are idle or too old, and releases the worker session of one that has

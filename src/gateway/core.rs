@@ -38,6 +38,8 @@ pub struct Shared {
     pub started: Instant,
     /// Client credentials and the Origin policy.
     pub auth: Auth,
+    /// The certificate of the public port (`--tls-cert`), if it speaks TLS.
+    pub tls: super::tls::Tls,
     /// Sessions per client IP.
     pub per_ip: Arc<PerIp>,
     /// Model ids the workers list (ListModels, refreshed by the probe), for the web page's
@@ -62,6 +64,7 @@ impl Shared {
     /// Shared state for a new orchestrator.
     pub fn new(config: Config) -> anyhow::Result<Arc<Self>> {
         let auth = Auth::new(config.auth.clone())?;
+        let tls = super::tls::Tls::new(config.tls.clone())?;
         let discovery = match &config.discovery.redis {
             Some(url) => {
                 let d = &config.discovery;
@@ -86,6 +89,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             started: Instant::now(),
             auth,
+            tls,
             per_ip: Arc::new(PerIp::default()),
             voices: std::sync::Mutex::new(Vec::new()),
             phase: watch::Sender::new(Phase::Running),
@@ -147,6 +151,7 @@ impl Core {
                 shared.discovery.clone(),
                 shared.book.clone(),
                 shared.config.worker_token.clone(),
+                shared.config.worker_tls.clone(),
             ),
             pacer: Pacer::new(shared.config.coalesce)?,
             json_arena: RefCell::new(BytesMut::new()),

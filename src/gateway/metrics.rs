@@ -127,6 +127,8 @@ pub struct Metrics {
     pub underruns: Counter,
     pub client_errors: Counter,
     pub rejected_connections: Counter,
+    /// TLS handshakes (or records) that failed before a request head was read.
+    pub tls_failures: Counter,
     /// Upgrades refused before the session, by reason (`missing`, `invalid`, `expired`,
     /// `origin`, `model`).
     pub auth_failures: Family<Vec<(String, String)>, Counter>,
@@ -176,6 +178,7 @@ impl Metrics {
             underruns: Counter::default(),
             client_errors: Counter::default(),
             rejected_connections: Counter::default(),
+            tls_failures: Counter::default(),
             auth_failures: Family::default(),
             rate_limited: Family::default(),
             draining: Gauge::default(),
@@ -231,6 +234,11 @@ impl Metrics {
             "rejected_connections",
             "Upgrades refused with 503 because of --max-connections",
             m.rejected_connections.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS connections that failed before their request head (bad handshake, plaintext on a TLS port)",
+            m.tls_failures.clone(),
         );
         registry.register(
             "auth_failures",
@@ -329,6 +337,11 @@ impl Metrics {
             "rejected_connections_total": self.rejected_connections.get(),
             "draining": shared.is_draining(),
         })
+    }
+
+    /// Counts a TLS connection that failed before its request head.
+    pub fn tls_failure(&self) {
+        self.tls_failures.inc();
     }
 
     /// Counts an upgrade refused for `reason`.

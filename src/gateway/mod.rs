@@ -22,8 +22,10 @@ pub mod listener;
 pub mod metrics;
 pub mod pacer;
 pub mod session;
+pub mod tls;
 pub mod upstream;
 pub mod vad;
+pub mod wire;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
@@ -102,12 +104,21 @@ impl Orchestrator {
         self.admin_addr
     }
 
-    /// Re-reads the credential files (SIGHUP); open sessions are not touched.
+    /// Re-reads the credential files and the TLS certificate (SIGHUP); open sessions are not
+    /// touched.
     pub fn reload(&self) {
         match self.shared.auth.reload() {
             Ok(()) => tracing::info!("credentials reloaded"),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "reload failed; the previous credentials stay in force")
+            }
+        }
+        if self.shared.tls.enabled() {
+            match self.shared.tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "TLS reload failed; the previous certificate stays in force")
+                }
             }
         }
     }

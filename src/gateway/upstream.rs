@@ -132,6 +132,7 @@ impl Upstream {
         discovery: Option<Arc<Discovery>>,
         book: Arc<HealthBook>,
         authorization: Option<crate::grpc::tts::WorkerAuth>,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
         let up = Self {
             targets: RefCell::new(Vec::new()),
@@ -140,6 +141,7 @@ impl Upstream {
             seen_version: Cell::new(0),
             options: ClientOptions {
                 authorization,
+                tls,
                 ..ClientOptions::default()
             },
             picks: Cell::new(0),

@@ -1,4 +1,5 @@
-//! gRPC client over one raw HTTP/2 connection (`h2`, prior knowledge, no TLS).
+//! gRPC client over one raw HTTP/2 connection (`h2`: prior knowledge over TCP, or ALPN `h2`
+//! over TLS when [`ClientOptions::tls`] is set).
 //!
 //! One [`Client`] is one TCP connection carrying many concurrent calls (HTTP/2 streams);
 //! cloning it is cheap. The connection is driven by a task spawned with `tokio::spawn`, so the
@@ -64,6 +65,8 @@ pub struct ClientOptions {
     /// Sent as `authorization` on every call: the worker token (`duplex worker
     /// --worker-token-file`); `None` sends nothing.
     pub authorization: Option<super::tts::WorkerAuth>,
+    /// Speak TLS (`grpcs://`) trusting this configuration's roots; `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientOptions {
@@ -73,8 +76,35 @@ impl Default for ClientOptions {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
             authorization: None,
+            tls: None,
         }
     }
+}
+
+/// A TLS configuration for workers (`--worker-ca`): trusts the PEM certificates in `ca`,
+/// offers ALPN `h2`.
+pub fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("parsing {}", ca.display()))?)
+            .with_context(|| format!("{}: unusable certificate", ca.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{}: no PEM certificate found", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Handle to one HTTP/2 connection to a gRPC server; cheap to clone (all clones share the
@@ -91,6 +121,8 @@ struct Inner {
     /// The `authorization` header of every call, built once (cloning it per call is a
     /// reference-count increment).
     authorization: Option<HeaderValue>,
+    /// `https` over TLS, else `http` (the `:scheme` pseudo-header).
+    scheme: &'static str,
     /// Becomes true when the connection task ends (peer gone, keepalive timeout, error).
     dead: watch::Receiver<bool>,
     /// Set when the server refused a new stream because it is going away (GOAWAY): existing
@@ -115,11 +147,12 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Splits `"grpc://host:port"`, `"http://host:port"` or `"host:port"` into the authority.
+/// Splits `"grpc://host:port"`, `"grpcs://host:port"`, `"http(s)://host:port"` or
+/// `"host:port"` into the authority (whether TLS is spoken is [`ClientOptions::tls`]'s call).
 fn parse_addr(addr: &str) -> Result<http::uri::Authority, Status> {
-    let rest = addr
-        .strip_prefix("grpc://")
-        .or_else(|| addr.strip_prefix("http://"))
+    let rest = ["grpc://", "grpcs://", "http://", "https://"]
+        .iter()
+        .find_map(|p| addr.strip_prefix(p))
         .unwrap_or(addr);
     let rest = rest.trim_end_matches('/');
     let authority: http::uri::Authority = rest
@@ -131,6 +164,39 @@ fn parse_addr(addr: &str) -> Result<http::uri::Authority, Status> {
         )));
     }
     Ok(authority)
+}
+
+/// The HTTP/2 connection future, boxed so plain and TLS connections are one type (one
+/// indirection per poll of the connection task, not per frame).
+type ConnFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), h2::Error>> + Send>>;
+
+/// The HTTP/2 handshake over `io` with our settings.
+async fn h2_handshake<T>(
+    io: T,
+    target: &str,
+) -> Result<(SendRequest<Bytes>, Option<h2::PingPong>, ConnFuture), Status>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .enable_push(false)
+        // Every barge-in resets a stream; remember enough of them to ignore the
+        // frames still in flight for each (h2's default is 50).
+        .max_concurrent_reset_streams(1024)
+        // h2 closes the connection after 1,024 streams it reset itself (a guard for
+        // servers facing hostile clients). Dropping an unfinished call is how a STOP
+        // cancels synthesis, so one client's STOP flood would tear down the
+        // connection every session on the core shares; the peer is our worker, and
+        // a client's STOPs are bounded by its message rate limit instead.
+        .max_local_error_reset_streams(None)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))?;
+    let ping_pong = conn.ping_pong();
+    Ok((send, ping_pong, Box::pin(conn)))
 }
 
 impl Client {
@@ -146,24 +212,24 @@ impl Client {
                 .map_err(|e| Status::unavailable(format!("cannot connect to {target}: {e}")))?;
             tcp.set_nodelay(true)
                 .map_err(|e| Status::unavailable(format!("cannot set TCP_NODELAY: {e}")))?;
-            h2::client::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .enable_push(false)
-                // Every barge-in resets a stream; remember enough of them to ignore the
-                // frames still in flight for each (h2's default is 50).
-                .max_concurrent_reset_streams(1024)
-                // h2 closes the connection after 1,024 streams it reset itself (a guard for
-                // servers facing hostile clients). Dropping an unfinished call is how a STOP
-                // cancels synthesis, so one client's STOP flood would tear down the
-                // connection every session on the core shares; the peer is our worker, and
-                // a client's STOPs are bounded by its message rate limit instead.
-                .max_local_error_reset_streams(None)
-                .handshake::<_, Bytes>(tcp)
-                .await
-                .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {target}: {e}")))
+            match &opts.tls {
+                None => h2_handshake(tcp, &target).await,
+                Some(tls) => {
+                    let host = authority
+                        .host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                        .map_err(|e| Status::invalid_argument(format!("TLS name {host:?}: {e}")))?;
+                    let io = tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| Status::unavailable(format!("TLS with {target}: {e}")))?;
+                    h2_handshake(io, &target).await
+                }
+            }
         };
-        let (send, mut conn) = tokio::time::timeout(opts.connect_timeout, handshake)
+        let (send, ping_pong, conn) = tokio::time::timeout(opts.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 Status::unavailable(format!(
@@ -173,7 +239,7 @@ impl Client {
             })??;
 
         let (dead_tx, dead_rx) = watch::channel(false);
-        let ping_pong = conn.ping_pong();
+        let mut conn = conn;
         let interval = opts.keepalive_interval;
         let ka_timeout = opts.keepalive_timeout;
         let peer = target.clone();
@@ -197,6 +263,7 @@ impl Client {
                 send,
                 authority,
                 authorization: opts.authorization.as_ref().map(|a| a.header().clone()),
+                scheme: if opts.tls.is_some() { "https" } else { "http" },
                 dead: dead_rx,
                 draining: AtomicBool::new(false),
             }),
@@ -290,7 +357,7 @@ impl Client {
 
     fn build_request(&self, path: &str, timeout: Option<Duration>) -> Result<Request<()>, Status> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(self.inner.scheme)
             .authority(self.inner.authority.clone())
             .path_and_query(path)
             .build()
@@ -640,6 +707,7 @@ mod tests {
             "10.0.0.1:7001"
         );
         assert_eq!(parse_addr("http://w1:7001/").unwrap().as_str(), "w1:7001");
+        assert_eq!(parse_addr("grpcs://w1:7443").unwrap().as_str(), "w1:7443");
         assert_eq!(
             parse_addr("localhost:7001").unwrap().as_str(),
             "localhost:7001"

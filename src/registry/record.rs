@@ -34,6 +34,15 @@ const CAPABILITY_KEYS: [&str; 6] = [
 
 /// The scheme every `addr` carries: workers speak gRPC, and readers dial `host:port` after it.
 pub const ADDR_SCHEME: &str = "grpc://";
+/// The scheme of a worker that serves gRPC over TLS (`duplex worker --tls-cert`); readers dial
+/// it with their `--worker-ca`.
+pub const TLS_ADDR_SCHEME: &str = "grpcs://";
+
+/// `host:port` after either scheme.
+fn strip_scheme(addr: &str) -> Option<&str> {
+    addr.strip_prefix(ADDR_SCHEME)
+        .or_else(|| addr.strip_prefix(TLS_ADDR_SCHEME))
+}
 
 /// One worker's entry in the registry: where to reach it, what it can do, how busy it is.
 ///
@@ -194,7 +203,7 @@ impl WorkerRecord {
     /// `host:port` of [`WorkerRecord::addr`], what a gRPC client dials. Records that pass
     /// [`parse`] always have one; `None` only for a hand-built record with a bad address.
     pub fn authority(&self) -> Option<&str> {
-        self.addr.strip_prefix(ADDR_SCHEME)
+        strip_scheme(&self.addr)
     }
 
     /// Seconds since the record was written, by the reader's clock (negative if the writer's
@@ -312,10 +321,10 @@ fn exact_keys(
     Ok(())
 }
 
-/// `addr` must be `grpc://host:port` with a non-empty host and a non-zero port.
+/// `addr` must be `grpc://host:port` (or `grpcs://`) with a non-empty host and a non-zero port.
 fn check_addr(key: &str, addr: &str) -> Result<(), String> {
     let bad = || format!("{key}: field \"addr\" must look like \"grpc://host:port\", got {addr:?}");
-    let rest = addr.strip_prefix(ADDR_SCHEME).ok_or_else(bad)?;
+    let rest = strip_scheme(addr).ok_or_else(bad)?;
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     let host_ok = !host.is_empty() && !host.contains('/') && !host.contains(char::is_whitespace);
     match port.parse::<u16>() {
@@ -652,6 +661,11 @@ mod tests {
         let mut v = good_value();
         v["addr"] = json!("grpc://[::1]:7001");
         assert_eq!(parse_value(&v).unwrap().authority(), Some("[::1]:7001"));
+        // A TLS worker's record.
+        v["addr"] = json!("grpcs://w1:7443");
+        assert_eq!(parse_value(&v).unwrap().authority(), Some("w1:7443"));
+        let e = broken(|v| v["addr"] = json!("grpcs://w1"));
+        assert!(e.contains("must look like"), "{e}");
         let e = broken(|v| v["name"] = json!(""));
         assert_eq!(e, "worker:w1: field \"name\" must not be empty");
     }

@@ -124,6 +124,13 @@ pub struct WorkerArgs {
     /// On SIGTERM, wait this many seconds at most for open syntheses to finish.
     #[arg(long, default_value_t = DEFAULT_DRAIN_SECS, env = "DUPLEX_WORKER_DRAIN_SECS")]
     pub drain_secs: f64,
+    /// PEM certificate chain: serve gRPC over TLS (`grpcs://`; orchestrators need
+    /// `--worker-ca`). Read at start.
+    #[arg(long, env = "DUPLEX_WORKER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "DUPLEX_WORKER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for WorkerArgs {
@@ -150,6 +157,8 @@ impl Default for WorkerArgs {
             mock_any_model: false,
             session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
             drain_secs: DEFAULT_DRAIN_SECS,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -228,8 +237,21 @@ impl WorkerArgs {
             Some(path) => Some(WorkerToken::from_file(path)?),
             None => None,
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+                };
+                Some(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ))
+            }
+            _ => None,
+        };
         Ok(ServeOptions {
             token,
+            tls,
             drain: seconds("--drain-secs", self.drain_secs, true)?,
             max_concurrent_streams: ServeOptions::streams_for(self.max_sessions),
         })
@@ -325,15 +347,21 @@ fn register(
     let Some(url) = &args.redis else {
         return Ok(None);
     };
+    // A TLS worker advertises grpcs:// so readers know to dial it with TLS.
+    let scheme = if args.tls_cert.is_some() {
+        "grpcs"
+    } else {
+        "grpc"
+    };
     let advertise = match &args.advertise {
-        Some(a) if a.starts_with("grpc://") => a.clone(),
+        Some(a) if a.starts_with("grpc://") || a.starts_with("grpcs://") => a.clone(),
         Some(a) => anyhow::bail!("--advertise must look like grpc://HOST:PORT, got '{a}'"),
         None if bound.ip().is_unspecified() => {
             let host = default_name();
             let host = host.strip_prefix("worker-").unwrap_or("localhost");
-            format!("grpc://{host}:{}", bound.port())
+            format!("{scheme}://{host}:{}", bound.port())
         }
-        None => format!("grpc://{bound}"),
+        None => format!("{scheme}://{bound}"),
     };
     let mut cfg = RegistrationConfig::new(url.clone(), args.name.clone());
     cfg.prefix = args.registry_prefix.clone();

@@ -248,6 +248,8 @@ impl Interceptor for TokenCheck {
 pub struct ServeOptions {
     /// `--worker-token-file`, if any.
     pub token: Option<WorkerToken>,
+    /// `--tls-cert`/`--tls-key`: serve gRPC over TLS.
+    pub tls: Option<tonic::transport::Identity>,
     /// `--drain-secs`: the longest wait for open Synthesize calls after `stop`.
     pub drain: Duration,
     /// Concurrent streams per HTTP/2 connection.
@@ -292,7 +294,13 @@ where
         .max_decoding_message_size(crate::grpc::codec::DEFAULT_MAX_MESSAGE);
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = &options.tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity.clone()))
+            .context("the worker's TLS certificate and key")?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(options.max_concurrent_streams))

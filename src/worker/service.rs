@@ -352,9 +352,13 @@ pub struct Grpc(pub Arc<TtsService>);
 /// [`super::server`]). A request without one (never the case when served by
 /// [`super::server::serve`]) counts as connection 0.
 fn conn_of<T>(request: &Request<T>) -> ConnId {
-    request
-        .extensions()
-        .get::<ConnectionInfo>()
+    let ext = request.extensions();
+    ext.get::<ConnectionInfo>()
+        .or_else(|| {
+            // Over TLS tonic wraps the accept loop's info.
+            ext.get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
+                .map(|t| t.get_ref())
+        })
         .map_or(0, |c| c.id)
 }
 

@@ -415,10 +415,16 @@ fn json_of(r: &client::Received) -> Value {
 impl Client {
     /// Connects (bounded) and reads the `session_start` greeting, which must come first.
     pub async fn connect(url: &str) -> Client {
+        Client::connect_with(url, client::Options::default()).await
+    }
+
+    /// [`Client::connect`] with options (e.g. `tls` for a `wss://` URL); the connect bound is
+    /// the tests' own.
+    pub async fn connect_with(url: &str, opts: client::Options) -> Client {
         let opts = client::Options {
             // The bound used to be WAIT for the connection plus WAIT for the greeting.
             connect_timeout: 2 * WAIT,
-            ..client::Options::default()
+            ..opts
         };
         let inner = match client::Client::connect(url, &opts).await {
             Ok(c) => c,

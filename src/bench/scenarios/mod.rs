@@ -11,11 +11,13 @@ mod chaos;
 mod cold_start;
 mod fal;
 mod floor_rtt;
+mod floor_writer;
 mod integrity;
 mod long_session;
 mod scale;
 mod soak;
 mod stream;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,7 @@ use super::report::{Row, ScenarioReport, Status, Target, Unit};
 use super::stats::{Hist, Summary};
 use super::utterance::{self, Agg, Waits};
 use super::Ctx;
+pub use floor_writer::FloorCpu;
 
 /// The mock's frame interval for the seed's scenarios (like the seed's mock worker).
 pub const SEED_INTERVAL_MS: u32 = 5;
@@ -54,8 +57,10 @@ pub async fn run_one(name: &'static str, ctx: &mut Ctx) -> ScenarioReport {
         "rapid_messages" => integrity::rapid_messages(ctx).await,
         "long_session" => long_session::run(ctx).await,
         "barge_in" => barge_in::run(ctx).await,
+        "floor_writer" => floor_writer::run(ctx).await,
         "scale" => scale::run(ctx).await,
         "soak" => soak::run(ctx).await,
+        "tls" => tls::run(ctx).await,
         "chaos" => chaos::run(ctx).await,
         other => Err(anyhow::anyhow!("no scenario named {other}")),
     };

@@ -85,33 +85,33 @@ fn ours_jitter_p99(n: u32) -> f64 {
 
 /// What one step measured.
 #[derive(Default)]
-struct Step {
-    n: u32,
-    connected: u32,
-    connect_errors: u64,
-    connect: Hist,
-    agg: Agg,
-    task_errors: Vec<String>,
-    window_s: f64,
+pub(super) struct Step {
+    pub(super) n: u32,
+    pub(super) connected: u32,
+    pub(super) connect_errors: u64,
+    pub(super) connect: Hist,
+    pub(super) agg: Agg,
+    pub(super) task_errors: Vec<String>,
+    pub(super) window_s: f64,
     /// Host steal during the window (% of the CPU time the VM wanted).
-    steal: Option<f64>,
-    orch_cpu: Option<f64>,
-    worker_cpu: Option<f64>,
-    gen_cpu: f64,
-    rss_idle: Option<u64>,
-    rss_stream: Option<u64>,
+    pub(super) steal: Option<f64>,
+    pub(super) orch_cpu: Option<f64>,
+    pub(super) worker_cpu: Option<f64>,
+    pub(super) gen_cpu: f64,
+    pub(super) rss_idle: Option<u64>,
+    pub(super) rss_stream: Option<u64>,
     /// The orchestrator's own `/metrics` at the window's start and end, if it serves them.
-    server: Option<(Scrape, Scrape)>,
+    pub(super) server: Option<(Scrape, Scrape)>,
 }
 
 impl Step {
     /// CPU µs per received frame of a process that used `cpu` % of a core in the window.
-    fn cpu_us_per_frame(&self, cpu: Option<f64>) -> Option<f64> {
+    pub(super) fn cpu_us_per_frame(&self, cpu: Option<f64>) -> Option<f64> {
         let frames = self.agg.frames as f64;
         (frames > 0.0).then_some(cpu? / 100.0 * self.window_s * 1e6 / frames)
     }
 
-    fn errors(&self) -> u64 {
+    pub(super) fn errors(&self) -> u64 {
         self.connect_errors + self.task_errors.len() as u64 + self.agg.problems(true).len() as u64
     }
 }
@@ -175,14 +175,37 @@ async fn stream_session(
     Ok(())
 }
 
+/// The orchestrator a step measures: the bench's own (`scale`) or another one the scenario
+/// started (`tls`).
+pub(super) struct Measured {
+    /// Its pid, for `/proc` CPU and RSS.
+    pub pid: Option<u32>,
+    /// Where it serves `/metrics`.
+    pub metrics: Option<String>,
+}
+
 async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
+    let target = Measured {
+        pid: ctx.sut.pid(),
+        metrics: ctx.sut.metrics_authority(),
+    };
+    step_on(ctx, url, n, secs, &target).await
+}
+
+/// One step against `target`: `n` sessions streaming for `secs` seconds.
+pub(super) async fn step_on(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64, target: &Measured) -> Step {
+    let sample = || {
+        target
+            .pid
+            .and_then(|p| crate::bench::procfs::sample(p).ok())
+    };
     let mut s = Step {
         n,
         ..Step::default()
     };
     let conns = connect_all(url, n, &mut s).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    s.rss_idle = ctx.sut.sample().map(|p| p.rss_kib);
+    s.rss_idle = sample().map(|p| p.rss_kib);
 
     let (stagger, settle) = ctx.n((STAGGER, SETTLE), (STAGGER / 2, SETTLE / 2));
     let t0 = Instant::now();
@@ -202,15 +225,12 @@ async fn step(ctx: &Ctx, url: &WsUrl, n: u32, secs: f64) -> Step {
         })
         .collect();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.0)).await;
-    let (o0, w0, g0) = (ctx.sut.sample(), ctx.sut.sample_worker(), SelfCpu::start());
+    let (o0, w0, g0) = (sample(), ctx.sut.sample_worker(), SelfCpu::start());
     let ticks0 = CpuTicks::now();
-    let metrics = ctx
-        .sut
-        .metrics_authority()
-        .unwrap_or_else(|| url.authority());
+    let metrics = target.metrics.clone().unwrap_or_else(|| url.authority());
     let m0 = server_metrics::scrape(&metrics, SCRAPE_TIMEOUT).await.ok();
     tokio::time::sleep_until(tokio::time::Instant::from_std(win.1)).await;
-    let (o1, w1) = (ctx.sut.sample(), ctx.sut.sample_worker());
+    let (o1, w1) = (sample(), ctx.sut.sample_worker());
     s.steal = CpuTicks::now()
         .zip(ticks0)
         .and_then(|(b, a)| b.steal_percent_since(&a));
@@ -266,6 +286,22 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
             fmt,
         ),
     );
+    if let (Some(asked), Some(pid), Some(wpid)) = (
+        ctx.sut.orchestrator_cpus(),
+        ctx.sut.pid(),
+        ctx.sut.worker_pid(),
+    ) {
+        use crate::bench::stack::cpus_of;
+        r.row(Row::text(
+            "--isolate: CPUs granted",
+            format!(
+                "orchestrator {:?} (asked {asked:?}), worker {:?}, generator {:?}",
+                cpus_of(pid),
+                cpus_of(wpid),
+                cpus_of(0)
+            ),
+        ));
+    }
     // The orchestrator at rest.
     let a = ctx.sut.sample();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -295,6 +331,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     for &n in &steps {
         let s = step(ctx, &url, n, secs).await;
         rows(&mut r, &s, rss_base);
+        floor_rows(&mut r, &s, ctx);
         let jitter_ok = s.agg.jitter.quantile_ms(0.99).is_some_and(|j| j < 2.0);
         if jitter_ok && s.errors() == 0 {
             best_ok = Some(n);
@@ -489,6 +526,30 @@ fn rows(r: &mut ScenarioReport, s: &Step, rss_base: Option<u64>) {
 }
 
 /// A row for a bucket-resolution percentile of the server's own histograms.
+/// The orchestrator's CPU per frame as a multiple of the paced-writer floors measured in this
+/// run (`floor_writer`), when they were: goal ≤ 1.5× the forwarder's floor from 1000 sessions.
+fn floor_rows(r: &mut ScenarioReport, s: &Step, ctx: &Ctx) {
+    let Some(f) = ctx.floor_cpu.iter().find(|f| f.sessions == s.n) else {
+        return;
+    };
+    let ours = s.cpu_us_per_frame(s.orch_cpu);
+    let ratio = |floor: Option<f64>| ours.zip(floor).and_then(|(o, f)| (f > 0.0).then(|| o / f));
+    r.row(Row::new(
+        format!("N={} orchestrator CPU per frame / writer floor", s.n),
+        ratio(f.writer_us),
+        Unit::Ratio,
+        None,
+        None,
+    ));
+    r.row(Row::new(
+        format!("N={} orchestrator CPU per frame / forwarder floor", s.n),
+        ratio(f.forwarder_us),
+        Unit::Ratio,
+        None,
+        if s.n >= 1000 { Target::le(1.5) } else { None },
+    ));
+}
+
 fn bound_row(metric: String, b: Option<Bound>) -> Row {
     match b {
         Some(Bound::AtMost(x)) => Row {

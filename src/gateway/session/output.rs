@@ -93,7 +93,7 @@ pub struct Output {
     ready: Notify,
     /// Woken once, when the connection's reader has stopped (the client closed or went away).
     reader_done: Notify,
-    socket: RefCell<Option<Rc<tokio_uring::net::TcpStream>>>,
+    socket: RefCell<Option<Rc<crate::gateway::wire::Wire>>>,
     budget: Rc<Budget>,
     /// The slot of the oldest paced audio frame the writer has not taken yet.
     oldest_slot: Cell<Option<Instant>>,
@@ -123,7 +123,7 @@ impl Output {
     }
 
     /// Gives the output its socket, so it can cut off a client that stops reading.
-    pub fn attach_socket(&self, socket: Rc<tokio_uring::net::TcpStream>) {
+    pub fn attach_socket(&self, socket: Rc<crate::gateway::wire::Wire>) {
         *self.socket.borrow_mut() = Some(socket);
     }
 
