@@ -304,7 +304,7 @@ async fn a_draining_worker_s_refusal_is_retried_on_another_worker() {
     let retries: f64 = metrics
         .body
         .lines()
-        .filter(|l| l.contains("limit=\"worker_retry\""))
+        .filter(|l| l.starts_with("utterance_retries_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     eprintln!("retries on another worker: {retries:?}");

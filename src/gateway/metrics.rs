@@ -129,6 +129,8 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     /// TLS handshakes (or records) that failed before a request head was read.
     pub tls_failures: Counter,
+    /// Utterances retried on another worker after one refused them before any audio.
+    pub utterance_retries: Counter,
     /// Upgrades refused before the session, by reason (`missing`, `invalid`, `expired`,
     /// `origin`, `model`).
     pub auth_failures: Family<Vec<(String, String)>, Counter>,
@@ -179,6 +181,7 @@ impl Metrics {
             client_errors: Counter::default(),
             rejected_connections: Counter::default(),
             tls_failures: Counter::default(),
+            utterance_retries: Counter::default(),
             auth_failures: Family::default(),
             rate_limited: Family::default(),
             draining: Gauge::default(),
@@ -234,6 +237,11 @@ impl Metrics {
             "rejected_connections",
             "Upgrades refused with 503 because of --max-connections",
             m.rejected_connections.clone(),
+        );
+        registry.register(
+            "utterance_retries",
+            "Utterances retried on another worker after one refused them before any audio (draining, gone)",
+            m.utterance_retries.clone(),
         );
         registry.register(
             "tls_handshake_failures",

@@ -542,7 +542,7 @@ impl Session {
         }
         tracing::info!(parent: &self.span, worker = %self.core.upstream.addr(refused_by),
             "no audio from the worker; retrying the utterance on another one");
-        self.core.shared.metrics.limited("worker_retry");
+        self.core.shared.metrics.utterance_retries.inc();
         match self.synthesize_on(generation, Some(refused_by)).await {
             Ok(()) => Ok(()),
             Err(Failure::NoOther(_)) => Err(first),
