@@ -335,8 +335,11 @@ fn sigterm_right_after_listening(role: &str, extra: &[&str]) {
             }
             seen.join("\n")
         });
-        rx.recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("`duplex {role}` never logged that it listens on {addr}"));
+        if rx.recv_timeout(WAIT).is_err() {
+            let _ = child.0.kill();
+            let logs = reader.join().unwrap_or_default();
+            panic!("`duplex {role}` never logged that it listens on {addr}; logs:\n{logs}");
+        }
         // SAFETY: plain syscall on our own child, not yet reaped.
         unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + WAIT;
@@ -370,7 +373,12 @@ impl Drop for ChildGuard {
 
 #[test]
 fn serve_handles_sigterm_as_soon_as_it_says_it_listens() {
-    sigterm_right_after_listening("serve", &["--worker", "grpc://127.0.0.1:1"]);
+    // No admin listener: its default (port + 1) is not reserved by `free_addr`, and another
+    // test's process holding it made this start fail now and then.
+    sigterm_right_after_listening(
+        "serve",
+        &["--worker", "grpc://127.0.0.1:1", "--admin-listen", "none"],
+    );
 }
 
 #[test]
