@@ -388,7 +388,7 @@ fn worker_handles_sigterm_as_soon_as_it_says_it_listens() {
 
 #[test]
 fn demo_handles_sigterm_as_soon_as_it_says_it_listens() {
-    sigterm_right_after_listening("demo", &[]);
+    sigterm_right_after_listening("demo", &["--admin-listen", "none"]);
 }
 
 #[tokio::test]
