@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod protocol;
 pub mod registry;
+pub mod trust;
 pub mod web;
 pub mod worker;
 pub mod ws;

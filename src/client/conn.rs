@@ -121,27 +121,8 @@ impl Default for Options {
 /// A TLS client configuration trusting the PEM certificates in `ca` (a private CA, or the
 /// server's self-signed certificate): what `duplex say --ca` uses for `wss://`.
 pub fn tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>, Error> {
-    use rustls::pki_types::pem::PemObject as _;
-    let bad = |e: String| Error::Usage(format!("--ca {}: {e}", ca.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))?
-    {
-        roots
-            .add(cert.map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no PEM certificate found".into()));
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(std::sync::Arc::new(config))
+    crate::trust::client_config(ca, b"http/1.1")
+        .map_err(|e| Error::Usage(format!("--ca {}: {e:#}", ca.display())))
 }
 
 /// The byte stream under the WebSocket: plain TCP or TLS over it.

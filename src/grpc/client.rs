@@ -84,27 +84,7 @@ impl Default for ClientOptions {
 /// A TLS configuration for workers (`--worker-ca`): trusts the PEM certificates in `ca`,
 /// offers ALPN `h2`.
 pub fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use anyhow::Context as _;
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("reading {}", ca.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("parsing {}", ca.display()))?)
-            .with_context(|| format!("{}: unusable certificate", ca.display()))?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("{}: no PEM certificate found", ca.display());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    crate::trust::client_config(ca, b"h2")
 }
 
 /// Handle to one HTTP/2 connection to a gRPC server; cheap to clone (all clones share the
