@@ -95,14 +95,40 @@ async fn one_client_s_stop_flood_does_not_break_the_others_on_its_core() {
 
 #[tokio::test]
 async fn a_stalled_worker_fails_the_utterance_and_the_next_goes_elsewhere() {
-    // Two workers; the session's first utterance picks one, which we then stop (SIGSTOP).
+    // The frame deadline alone (PINGs given a minute).
+    stalled_worker(&[
+        "--stall-timeout-secs",
+        "1",
+        "--worker-ping-timeout-secs",
+        "60",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_frozen_worker_is_noticed_by_its_unanswered_pings() {
+    // Frame deadlines of a minute, longer than this test waits for the error: only the
+    // PINGs on the worker connection (answer within 1 s) can notice the SIGSTOP in time.
+    stalled_worker(&[
+        "--stall-timeout-secs",
+        "60",
+        "--first-frame-timeout-secs",
+        "60",
+        "--worker-ping-timeout-secs",
+        "1",
+    ])
+    .await;
+}
+
+/// Two workers; the session's first utterance picks one, which is then stopped (SIGSTOP)
+/// mid-utterance: `SYNTHESIS_FAILED` + end marker, and the next utterance plays on the other.
+async fn stalled_worker(flags: &[&str]) {
     let a = Worker::start(&["--mock-frame-interval-ms", "20"]).await;
     let b = Worker::start(&["--mock-frame-interval-ms", "20"]).await;
-    let server = Server::serve(
-        &a.url(),
-        &["--worker", &b.url(), "--stall-timeout-secs", "1"],
-    )
-    .await;
+    let b_url = b.url();
+    let mut args = vec!["--worker", b_url.as_str()];
+    args.extend_from_slice(flags);
+    let server = Server::serve(&a.url(), &args).await;
     let mut c = server.client("pacing=asap").await;
     // Send a long utterance and stop whichever worker serves it once frames flow.
     for i in 0..8 {
@@ -190,7 +216,17 @@ async fn sigterm_drains_finishing_utterances_while_a_replacement_takes_the_port(
         assert!(Instant::now() < deadline, "no process takes new sessions");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut fresh = new.client("pacing=asap").await;
+    // Even after one upgrade worked, the next connection may be one the kernel queued on the
+    // old listener as it closed: reset, and the client connects again (as a real one does).
+    let mut attempts = 0;
+    let mut fresh = loop {
+        attempts += 1;
+        match Client::try_connect_with(&new.ws_url("pacing=asap"), Default::default()).await {
+            Ok(c) => break c,
+            Err(e) if attempts < 5 => eprintln!("connect attempt {attempts} failed: {e:#}"),
+            Err(e) => panic!("no process takes new sessions after {attempts} attempts: {e:#}"),
+        }
+    };
     fresh.say("New process.").await;
     fresh
         .collect_utterance(WAIT)

@@ -248,3 +248,75 @@ fn python_grpcio_health_check_and_reflection() {
     let w = Worker::worker(&["--worker-token-file", &path.to_string_lossy()]);
     run_python_check(&python, &w.addr, Some("py-token"));
 }
+
+/// A grpcio server (gRPC's C core, what the Python workers run on) whose streaming call stays
+/// quiet for a while before answering, as a slow model does before its first frame.
+const PY_QUIET_SERVER: &str = r#"
+import sys, time
+from concurrent import futures
+import grpc
+
+quiet = float(sys.argv[1])
+
+def wait(request, context):
+    time.sleep(quiet)
+    yield b""
+
+handler = grpc.method_handlers_generic_handler(
+    "t.Quiet", {"Wait": grpc.unary_stream_rpc_method_handler(wait)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// Our client PINGs a call that has gone quiet to notice a frozen worker, but gRPC's C core
+/// closes a connection (GOAWAY `too_many_pings`) that receives more than two PINGs while it
+/// sends nothing. A Python worker computing a 4 s first frame must keep its call: one PING
+/// per quiet stretch, not one per 250 ms tick.
+#[tokio::test]
+async fn a_quiet_call_on_a_grpcio_server_survives_our_liveness_pings() {
+    use std::io::BufRead;
+    let python = grpc_python();
+    let mut child = Command::new(&python)
+        .args(["-c", PY_QUIET_SERVER, "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the grpcio server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the port");
+    let port: u16 = line.trim().parse().expect("the server prints its port");
+    let result = async {
+        let client = duplex::grpc::Client::connect(
+            &format!("127.0.0.1:{port}"),
+            &duplex::grpc::ClientOptions::default(),
+        )
+        .await?;
+        let (mut sink, mut stream) = client
+            .streaming::<(), ()>("/t.Quiet/Wait", Some(Duration::from_secs(30)))
+            .await?;
+        sink.send(&())?;
+        sink.finish()?;
+        let first = stream.message().await?;
+        let end = stream.message().await?;
+        Ok::<_, duplex::grpc::Status>((first, end, client.is_closed()))
+    };
+    let outcome = timeout(Duration::from_secs(30), result).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (first, end, closed) = outcome
+        .expect("the call must end within its 30 s deadline")
+        .unwrap_or_else(|s| panic!("the quiet call failed: {s:?}"));
+    assert_eq!(
+        first,
+        Some(()),
+        "the server's message after its quiet stretch"
+    );
+    assert_eq!(end, None, "then the call ends with OK");
+    assert!(!closed, "the connection is still usable");
+}

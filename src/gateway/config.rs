@@ -91,6 +91,12 @@ pub struct OrchestratorArgs {
     /// fails the same way: a stalled worker is noticed as fast as a dead one.
     #[arg(long, default_value_t = 3.0, env = "DUPLEX_STALL_TIMEOUT_SECS")]
     pub stall_timeout_secs: f64,
+    /// A worker connection with a call open is PINGed every 250 ms; one that does not answer
+    /// a PING within this is closed and its calls fail (or move, before their first frame).
+    /// This is what notices a frozen worker (SIGSTOP, a hung host) that keeps its socket
+    /// open; a slow model still answers PINGs, so it is not mistaken for one.
+    #[arg(long, default_value_t = 1.0, env = "DUPLEX_WORKER_PING_TIMEOUT_SECS")]
+    pub worker_ping_timeout_secs: f64,
     /// End the worker session of a client session idle for this long (the next utterance
     /// opens a new one), so idle clients don't hold worker capacity (0 = never).
     #[arg(long, default_value_t = 30.0, env = "DUPLEX_WORKER_IDLE_SECS")]
@@ -203,6 +209,8 @@ pub struct Config {
     pub first_frame_timeout: Duration,
     /// Deadline of each next frame.
     pub stall_timeout: Duration,
+    /// Deadline of a PING's answer on a worker connection.
+    pub worker_ping_timeout: Duration,
     /// Idle time after which a session's worker session is released.
     pub worker_idle: Option<Duration>,
 }
@@ -293,6 +301,8 @@ impl Config {
                 .context("--first-frame-timeout-secs must be positive")?,
             stall_timeout: secs("--stall-timeout-secs", args.stall_timeout_secs)?
                 .context("--stall-timeout-secs must be positive")?,
+            worker_ping_timeout: secs("--worker-ping-timeout-secs", args.worker_ping_timeout_secs)?
+                .context("--worker-ping-timeout-secs must be positive")?,
             worker_idle: secs("--worker-idle-secs", args.worker_idle_secs)?,
             listen,
             workers,

@@ -152,6 +152,7 @@ impl Core {
                 shared.book.clone(),
                 shared.config.worker_token.clone(),
                 shared.config.worker_tls.clone(),
+                shared.config.worker_ping_timeout,
             ),
             pacer: Pacer::new(shared.config.coalesce)?,
             json_arena: RefCell::new(BytesMut::new()),

@@ -133,6 +133,7 @@ impl Upstream {
         book: Arc<HealthBook>,
         authorization: Option<crate::grpc::tts::WorkerAuth>,
         tls: Option<Arc<rustls::ClientConfig>>,
+        ping_timeout: Duration,
     ) -> Self {
         let up = Self {
             targets: RefCell::new(Vec::new()),
@@ -142,6 +143,7 @@ impl Upstream {
             options: ClientOptions {
                 authorization,
                 tls,
+                keepalive_timeout: ping_timeout,
                 ..ClientOptions::default()
             },
             picks: Cell::new(0),

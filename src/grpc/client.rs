@@ -13,13 +13,17 @@
 //! response stream of an unfinished call resets the stream with `RST_STREAM(CANCEL)`, which
 //! is how a barge-in tells the worker to stop synthesising.
 //!
-//! Liveness: HTTP/2 PINGs every `keepalive_interval`; a PONG missing for `keepalive_timeout`
-//! tears the connection down, failing every open call with UNAVAILABLE and flipping
-//! [`Client::is_closed`], so a SIGSTOPped worker or a vanished host is noticed even when no
-//! call is active.
+//! Liveness: HTTP/2 PINGs every `keepalive_interval` while no call is open, and every
+//! `active_ping_interval` while one is; a PONG missing for `keepalive_timeout` tears the
+//! connection down, failing every open call with UNAVAILABLE and flipping
+//! [`Client::is_closed`]. A dead worker is noticed by its socket at once; a SIGSTOPped or
+//! frozen one keeps its socket open, and the frequent PINGs while calls are open are what
+//! notice it within about a second. A PONG does not depend on the model: the worker's HTTP/2
+//! layer answers it while a slow synthesis computes, so a slow model is not mistaken for a
+//! frozen process (the per-frame stall deadline above this layer handles hung models).
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -56,11 +60,17 @@ pub struct ClientOptions {
     /// Budget for the TCP connect plus HTTP/2 handshake. Workers sit on the same LAN, so a
     /// connect slower than 1 s means the worker is gone and the caller should try another.
     pub connect_timeout: Duration,
-    /// Time between keepalive PINGs (`Duration::ZERO` disables keepalive). 5 s bounds how
-    /// long a dead worker goes unnoticed at the cost of one 17-byte frame per interval.
+    /// Time between keepalive PINGs while no call is open (`Duration::ZERO` disables
+    /// keepalive). 5 s bounds how long an idle dead worker goes unnoticed at the cost of one
+    /// 17-byte frame per interval.
     pub keepalive_interval: Duration,
-    /// How long to wait for the PONG before declaring the connection dead. 5 s tolerates a
-    /// worker busy with a GC-like stall but still fails over within ~10 s of a hang.
+    /// Time between PINGs while at least one call is open: a frozen worker is then noticed
+    /// within this plus `keepalive_timeout`, before a listener hears much silence. Four
+    /// 17-byte frames a second per connection (one per core and worker) cost nothing.
+    pub active_ping_interval: Duration,
+    /// How long to wait for the PONG before declaring the connection dead. The worker's
+    /// HTTP/2 layer answers PINGs whatever its model is doing, so 1 s is far past a healthy
+    /// answer even on a loaded machine (a PONG takes well under a millisecond on loopback).
     pub keepalive_timeout: Duration,
     /// Sent as `authorization` on every call: the worker token (`duplex worker
     /// --worker-token-file`); `None` sends nothing.
@@ -74,7 +84,8 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(5),
-            keepalive_timeout: Duration::from_secs(5),
+            active_ping_interval: Duration::from_millis(250),
+            keepalive_timeout: Duration::from_secs(1),
             authorization: None,
             tls: None,
         }
@@ -108,6 +119,8 @@ struct Inner {
     /// Set when the server refused a new stream because it is going away (GOAWAY): existing
     /// calls may finish, but the client must not be used for new ones.
     draining: AtomicBool,
+    /// Open calls and messages received, watched by the keepalive task.
+    activity: Arc<Activity>,
 }
 
 impl Client {
@@ -220,11 +233,16 @@ impl Client {
 
         let (dead_tx, dead_rx) = watch::channel(false);
         let mut conn = conn;
-        let interval = opts.keepalive_interval;
-        let ka_timeout = opts.keepalive_timeout;
+        let activity = Arc::new(Activity::default());
+        let pings = Pings {
+            interval: opts.keepalive_interval,
+            active_interval: opts.active_ping_interval,
+            timeout: opts.keepalive_timeout,
+            activity: activity.clone(),
+        };
         let peer = target.clone();
         tokio::spawn(async move {
-            let keepalive = keepalive(ping_pong, interval, ka_timeout);
+            let keepalive = keepalive(ping_pong, pings);
             let reason = tokio::select! {
                 r = &mut conn => match r {
                     Ok(()) => "connection closed".to_owned(),
@@ -246,6 +264,7 @@ impl Client {
                 scheme: if opts.tls.is_some() { "https" } else { "http" },
                 dead: dead_rx,
                 draining: AtomicBool::new(false),
+                activity,
             }),
         })
     }
@@ -318,6 +337,7 @@ impl Client {
             finished: false,
             cancelled: false,
         }));
+        let open = OpenCall::new(&self.inner.activity);
         Ok((
             RequestSink {
                 call: call.clone(),
@@ -330,6 +350,7 @@ impl Client {
                 deadline,
                 dead: self.inner.dead.clone(),
                 path: path.to_owned(),
+                open,
                 _marker: PhantomData,
             },
         ))
@@ -372,25 +393,116 @@ impl Client {
     }
 }
 
-/// Sends PINGs forever; returns (with the reason) when one is not answered in time.
-async fn keepalive(
-    ping_pong: Option<h2::PingPong>,
+/// When the keepalive task PINGs (see [`ClientOptions`]).
+struct Pings {
     interval: Duration,
+    active_interval: Duration,
     timeout: Duration,
-) -> String {
-    let Some(mut ping_pong) = ping_pong.filter(|_| !interval.is_zero()) else {
+    activity: Arc<Activity>,
+}
+
+/// What the keepalive task knows of the calls on its connection.
+#[derive(Default)]
+struct Activity {
+    /// Calls whose response stream is alive.
+    open_calls: AtomicUsize,
+    /// Messages received on any call (wrapping; only changes matter).
+    received: AtomicU64,
+}
+
+impl Activity {
+    /// One message arrived. A plain load and store, not a locked add: the count only has to
+    /// change, and this runs once per audio frame.
+    fn message(&self) {
+        let n = self.received.load(Ordering::Relaxed);
+        self.received.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+/// Sends PINGs; returns (with the reason) when one is not answered in time.
+///
+/// While no call is open: one PING every `interval`. While calls are open, arriving messages
+/// prove the worker alive; after `active_interval` without any, one PING, and no other until
+/// messages flow again or `interval` has passed. That notices a frozen worker within
+/// `active_interval + timeout` of its last frame, and keeps us within what gRPC's C core
+/// (the Python workers) tolerates: it closes a connection that receives more than two PINGs
+/// between the frames it sends (`too_many_pings`), and each PING here follows a frame the
+/// worker sent, or one of its answers to the 1 s health probe, or 5 s of quiet.
+async fn keepalive(ping_pong: Option<h2::PingPong>, pings: Pings) -> String {
+    let Some(mut ping_pong) = ping_pong.filter(|_| !pings.interval.is_zero()) else {
         return std::future::pending().await;
     };
+    let tick = if pings.active_interval.is_zero() {
+        pings.interval
+    } else {
+        pings.active_interval.min(pings.interval)
+    };
+    let mut last_ping = Instant::now();
+    let mut seen = pings.activity.received.load(Ordering::Relaxed);
+    // Whether this quiet stretch (calls open, no message) has had its PING.
+    let mut quiet_pinged = false;
     loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+        tokio::time::sleep(tick).await;
+        let received = pings.activity.received.load(Ordering::Relaxed);
+        let flowing = received != seen;
+        seen = received;
+        let active = pings.activity.open_calls.load(Ordering::Relaxed) > 0;
+        if flowing || !active {
+            quiet_pinged = false;
+        }
+        let due = if active && !flowing {
+            !quiet_pinged || last_ping.elapsed() >= pings.interval
+        } else {
+            !active && last_ping.elapsed() >= pings.interval
+        };
+        if !due {
+            continue;
+        }
+        quiet_pinged = active;
+        last_ping = Instant::now();
+        let ping = ping_pong.ping(h2::Ping::opaque());
+        tokio::pin!(ping);
+        let answer = match tokio::time::timeout(pings.timeout, &mut ping).await {
+            Ok(answer) => Some(answer),
+            // A core that was busy past the deadline wakes this timer in the same turn as
+            // the socket with the PONG waiting in it, and may run the timer first. Let the
+            // connection task read the socket (a yield lets the runtime poll its I/O driver)
+            // before calling the worker frozen.
             Err(_) => {
-                warn!("no PING ack within {timeout:?}: closing the connection");
-                return format!("keepalive timeout: no PING ack within {timeout:?}");
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                tokio::time::timeout(Duration::ZERO, &mut ping).await.ok()
+            }
+        };
+        match answer {
+            Some(Ok(_pong)) => {}
+            Some(Err(e)) => return format!("keepalive PING failed: {e}"),
+            None => {
+                warn!(
+                    timeout = ?pings.timeout,
+                    active,
+                    "no PING ack in time: closing the connection"
+                );
+                return format!("keepalive timeout: no PING ack within {:?}", pings.timeout);
             }
         }
+    }
+}
+
+/// Counts one open call for as long as its [`ResponseStream`] lives.
+struct OpenCall(Arc<Activity>);
+
+impl OpenCall {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.open_calls.fetch_add(1, Ordering::Relaxed);
+        OpenCall(activity.clone())
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.0.open_calls.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -482,6 +594,8 @@ pub struct ResponseStream<Resp> {
     deadline: Option<Instant>,
     dead: watch::Receiver<bool>,
     path: String,
+    /// Counts this call as open and its messages as signs of life for the keepalive task.
+    open: OpenCall,
     _marker: PhantomData<fn() -> Resp>,
 }
 
@@ -543,7 +657,10 @@ impl<Resp: Message + Default> ResponseStream<Resp> {
             ))),
         };
         match result {
-            Ok(Some(p)) => Ok(Some(p)),
+            Ok(Some(p)) => {
+                self.open.0.message();
+                Ok(Some(p))
+            }
             Ok(None) => {
                 self.state = RecvState::Done(Ok(()));
                 Ok(None)

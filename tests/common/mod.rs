@@ -421,22 +421,28 @@ impl Client {
     /// [`Client::connect`] with options (e.g. `tls` for a `wss://` URL); the connect bound is
     /// the tests' own.
     pub async fn connect_with(url: &str, opts: client::Options) -> Client {
+        match Client::try_connect_with(url, opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("WebSocket session with {url} failed to start: {e}"),
+        }
+    }
+
+    /// [`Client::connect_with`] that returns a failed connect or handshake instead of
+    /// panicking, for tests where a refused connection is part of the story (a drain).
+    pub async fn try_connect_with(url: &str, opts: client::Options) -> anyhow::Result<Client> {
         let opts = client::Options {
             // The bound used to be WAIT for the connection plus WAIT for the greeting.
             connect_timeout: 2 * WAIT,
             ..opts
         };
-        let inner = match client::Client::connect(url, &opts).await {
-            Ok(c) => c,
-            Err(e) => panic!("WebSocket session with {url} failed to start: {e}"),
-        };
+        let inner = client::Client::connect(url, &opts).await?;
         let start: Value = serde_json::from_slice(&inner.session().raw)
             .unwrap_or_else(|e| panic!("session_start is not JSON: {e}"));
         assert_eq!(
             start["type"], "session_start",
             "first message must be session_start, got {start}"
         );
-        Client { inner, start }
+        Ok(Client { inner, start })
     }
 
     /// The session id from `session_start`.
