@@ -840,7 +840,8 @@ mod tests {
         let o = ClientOptions::default();
         assert_eq!(o.connect_timeout, Duration::from_secs(1));
         assert_eq!(o.keepalive_interval, Duration::from_secs(5));
-        assert_eq!(o.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(o.active_ping_interval, Duration::from_millis(250));
+        assert_eq!(o.keepalive_timeout, Duration::from_secs(1));
         assert!(o.authorization.is_none());
     }
 
