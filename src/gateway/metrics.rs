@@ -98,57 +98,6 @@ impl EncodeMetric for FrameLateness {
     }
 }
 
-/// A counter bumped once per frame, kept per core: each core writes only its own cache line
-/// (a load and a store, not a locked add), and the scrape sums them.
-///
-/// Why: a shared `Counter` is one atomic that every core increments per frame, so its cache
-/// line moves between cores tens of thousands of times a second; issue 13 counts such
-/// per-frame costs.
-#[derive(Debug, Default)]
-pub struct PerCoreCounter {
-    cores: Vec<CoreCount>,
-}
-
-/// One core's count, alone on its cache line (128 bytes: adjacent-line prefetch pairs lines).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct CoreCount(AtomicU64);
-
-impl PerCoreCounter {
-    fn new(cores: usize) -> Self {
-        Self {
-            cores: (0..cores.max(1)).map(|_| CoreCount::default()).collect(),
-        }
-    }
-
-    /// Adds one on `core`. Only that core's thread may call this for its index: the add is
-    /// a plain load and store, correct with one writer per counter.
-    pub fn inc(&self, core: usize) {
-        if let Some(c) = self.cores.get(core) {
-            let n = c.0.load(Ordering::Relaxed);
-            c.0.store(n.wrapping_add(1), Ordering::Relaxed);
-        }
-    }
-
-    /// The sum over cores.
-    pub fn get(&self) -> u64 {
-        self.cores
-            .iter()
-            .map(|c| c.0.load(Ordering::Relaxed))
-            .fold(0u64, u64::wrapping_add)
-    }
-}
-
-impl EncodeMetric for PerCoreCounter {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Counter
-    }
-}
-
 /// `build_info{version="..."} 1`.
 #[derive(Debug)]
 struct BuildInfo;
@@ -174,8 +123,7 @@ pub struct Metrics {
     pub sessions_total: Counter,
     pub synthesis: Counter,
     pub synthesis_errors: Counter,
-    /// Bumped per frame: one counter per core (see [`PerCoreCounter`]).
-    pub frames_sent: Arc<PerCoreCounter>,
+    pub frames_sent: Counter,
     pub underruns: Counter,
     pub client_errors: Counter,
     pub rejected_connections: Counter,
@@ -228,7 +176,7 @@ impl Metrics {
             sessions_total: Counter::default(),
             synthesis: Counter::default(),
             synthesis_errors: Counter::default(),
-            frames_sent: Arc::new(PerCoreCounter::new(cores)),
+            frames_sent: Counter::default(),
             underruns: Counter::default(),
             client_errors: Counter::default(),
             rejected_connections: Counter::default(),
@@ -273,7 +221,7 @@ impl Metrics {
         registry.register(
             "frames_sent",
             "Audio frames sent to clients",
-            ArcMetric(m.frames_sent.clone()),
+            m.frames_sent.clone(),
         );
         registry.register(
             "frame_underruns",
@@ -444,24 +392,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn per_core_counts_sum_at_scrape() {
-        let m = Metrics::new(2);
-        for _ in 0..3 {
-            m.frames_sent.inc(0);
-        }
-        m.frames_sent.inc(1);
-        // A core index the metrics were not built for counts nowhere (never panics).
-        m.frames_sent.inc(7);
-        assert_eq!(m.frames_sent.get(), 4);
-        assert!(m.render().contains("frames_sent_total 4"));
-    }
-
-    #[test]
     fn renders_python_compatible_names() {
         let m = Metrics::default();
         m.synthesis.inc();
-        m.frames_sent.inc(0);
-        m.frames_sent.inc(0);
         m.core_sessions(1).inc();
         m.first_audio_latency.observe(0.001);
         m.frame_lateness
@@ -473,7 +406,7 @@ mod tests {
             "sessions_active",
             "barge_in_latency_seconds_bucket",
             "first_audio_latency_seconds_count 1",
-            "frames_sent_total 2",
+            "frames_sent_total",
             "core_sessions_active{core=\"1\"} 1",
             "frame_lateness_seconds_bucket{le=\"0.00005\"} 1",
             "frame_lateness_seconds_count 1",

@@ -430,7 +430,7 @@ impl Session {
                     None => self.output.push_audio(chunks),
                 };
                 self.after_push(pushed);
-                metrics.frames_sent.inc(core.index);
+                metrics.frames_sent.inc();
             }
             Emit::EndMarker { sequence } => self.send_end_marker(sequence),
             Emit::Schedule { due, generation } => core.pacer.schedule(due, self.key, generation),
