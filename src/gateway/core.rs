@@ -164,7 +164,7 @@ impl Core {
         })
     }
 
-    /// Returns the allocator's free pages to the OS (at most once per [`TRIM_INTERVAL`]);
+    /// Returns the allocator's free pages to the OS (at most once per `TRIM_INTERVAL`);
     /// the listener calls it when the core's last session has closed.
     ///
     /// Why: glibc keeps memory freed by small allocations in its arenas, so after a peak of

@@ -310,7 +310,7 @@ impl Upstream {
     ///
     /// Single-flight: one connect at a time per (core, worker); sessions arriving meanwhile
     /// wait for it and share the result. A failed connect is retried (jittered backoff)
-    /// within [`CONNECT_ATTEMPTS`] before the worker counts as failed, so a burst on a busy
+    /// within `CONNECT_ATTEMPTS` before the worker counts as failed, so a burst on a busy
     /// machine is not turned into a wall of WORKER_UNAVAILABLE by one slow handshake.
     pub async fn client(&self, i: usize) -> Result<TtsClient, Status> {
         if let Some(c) = self.live_client(i)? {
@@ -372,7 +372,7 @@ impl Upstream {
         }
     }
 
-    /// True when worker `i` failed within the last [`FAILURE_BACKOFF`].
+    /// True when worker `i` failed within the last `FAILURE_BACKOFF`.
     pub fn recently_failed(&self, i: usize) -> bool {
         let now = Instant::now();
         self.targets.borrow().get(i).is_some_and(|t| {

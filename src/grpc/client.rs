@@ -13,12 +13,12 @@
 //! response stream of an unfinished call resets the stream with `RST_STREAM(CANCEL)`, which
 //! is how a barge-in tells the worker to stop synthesising.
 //!
-//! Liveness: HTTP/2 PINGs every `keepalive_interval` while no call is open, and every
-//! `active_ping_interval` while one is; a PONG missing for `keepalive_timeout` tears the
-//! connection down, failing every open call with UNAVAILABLE and flipping
-//! [`Client::is_closed`]. A dead worker is noticed by its socket at once; a SIGSTOPped or
-//! frozen one keeps its socket open, and the frequent PINGs while calls are open are what
-//! notice it within about a second. A PONG does not depend on the model: the worker's HTTP/2
+//! Liveness: HTTP/2 PINGs every `keepalive_interval` while no call is open, and one PING when
+//! open calls have received nothing for `active_ping_interval`; a PONG missing for
+//! `keepalive_timeout` tears the connection down, failing every open call with UNAVAILABLE
+//! and flipping [`Client::is_closed`]. A dead worker is noticed by its socket at once; a
+//! SIGSTOPped or frozen one keeps its socket open, and the PING sent when its calls go quiet
+//! is what notices it, about a second after its last frame. A PONG does not depend on the model: the worker's HTTP/2
 //! layer answers it while a slow synthesis computes, so a slow model is not mistaken for a
 //! frozen process (the per-frame stall deadline above this layer handles hung models).
 
@@ -64,9 +64,9 @@ pub struct ClientOptions {
     /// keepalive). 5 s bounds how long an idle dead worker goes unnoticed at the cost of one
     /// 17-byte frame per interval.
     pub keepalive_interval: Duration,
-    /// Time between PINGs while at least one call is open: a frozen worker is then noticed
-    /// within this plus `keepalive_timeout`, before a listener hears much silence. Four
-    /// 17-byte frames a second per connection (one per core and worker) cost nothing.
+    /// How long open calls may receive nothing before the connection gets a PING (one per
+    /// quiet stretch, see `keepalive`): a frozen worker is then noticed within this plus
+    /// `keepalive_timeout` of its last frame, before a listener hears much silence.
     pub active_ping_interval: Duration,
     /// How long to wait for the PONG before declaring the connection dead. The worker's
     /// HTTP/2 layer answers PINGs whatever its model is doing, so 1 s is far past a healthy

@@ -18,7 +18,7 @@ pub const MIN_COMMA_CLAUSE_CHARS: usize = 40;
 pub const MAX_CLAUSE_CHARS: usize = 240;
 /// Closing quotes and brackets after a terminator that still belong to its clause; a longer
 /// run means the terminator does not end the clause. Bounds how far past a terminator
-/// [`boundary`] looks, so waiting for the character after them is bounded too.
+/// `boundary` looks, so waiting for the character after them is bounded too.
 pub const MAX_CLOSERS: usize = 8;
 
 /// Abbreviations whose trailing dot does not end a sentence (lowercase, without the dot).

@@ -1,7 +1,7 @@
 //! Serving the worker with tonic: `tts.TTSService`, `grpc.health.v1.Health` and server
 //! reflection (v1 and v1alpha) on one port, connection leases, the worker token, and the drain.
 //!
-//! - **Accept loop** ([`incoming`]): `TCP_NODELAY` (20 ms frames must not wait for Nagle),
+//! - **Accept loop** (`incoming`): `TCP_NODELAY` (20 ms frames must not wait for Nagle),
 //!   and each connection gets a [`ConnectionInfo`] (a process-unique id, seen by every request
 //!   as an extension) and a lease whose drop, when the connection closes, ends the sessions
 //!   it opened (see [`super::session`]).
@@ -73,7 +73,7 @@ impl Drop for Lease {
     }
 }
 
-/// A TCP connection with its [`ConnectionInfo`] and [`Lease`].
+/// A TCP connection with its [`ConnectionInfo`] and `Lease`.
 pub struct LeasedConn {
     io: TcpStream,
     info: ConnectionInfo,

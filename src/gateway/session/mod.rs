@@ -759,7 +759,7 @@ thread_local! {
 /// several hops each (reader, writer, teardown: syscalls, frees). A session still playing
 /// had its frame's writer queued behind all of them: a 100–220 ms gap with 2,000 sessions
 /// closing. A connection waiting for its turn is not in the run queue, so a playing
-/// session's pacer and writer wait behind at most [`CLOSING_AT_ONCE`] closes. A lone close
+/// session's pacer and writer wait behind at most `CLOSING_AT_ONCE` closes. A lone close
 /// gets its turn at once (the permit is ready on the first poll).
 pub async fn close_turn() -> Option<tokio::sync::OwnedSemaphorePermit> {
     let gate = CLOSING.with(Arc::clone);
