@@ -130,7 +130,15 @@ async fn reflection_needs_the_worker_token_and_health_does_not() {
 
 /// `target/grpc-venv`'s python with grpcio, grpcio-health-checking and grpcio-reflection,
 /// created and installed on first use. Panics with the reason when that is impossible.
+///
+/// Once per test process: two tests of this file run at once, and two `python3 -m venv` of
+/// the same directory on a fresh machine fail each other ("File exists: 'lib'").
 fn grpc_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(create_grpc_python).clone()
+}
+
+fn create_grpc_python() -> PathBuf {
     // CARGO_TARGET_TMPDIR is <target>/tmp.
     let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
