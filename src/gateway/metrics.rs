@@ -349,7 +349,6 @@ impl Metrics {
             "synthesis_total": self.synthesis.get(),
             "synthesis_errors_total": self.synthesis_errors.get(),
             "frames_sent_total": self.frames_sent.get(),
-            "batched_sends_total": self.batched_sends.get(),
             "frame_underruns_total": self.underruns.get(),
             "client_errors_total": self.client_errors.get(),
             "rejected_connections_total": self.rejected_connections.get(),
