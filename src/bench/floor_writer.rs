@@ -3,9 +3,8 @@
 //!
 //! It accepts plain TCP connections and writes one 1,932-byte frame (a binary audio message:
 //! 12-byte header + 20 ms of PCM) to each every 20 ms, with the orchestrator's own pieces —
-//! one io_uring thread, the per-core `timerfd` pacer, the batch sender that sends a tick's
-//! frames in one submission (`--writer-tasks`: a writer task per connection woken per frame,
-//! as before the batch sender) — and nothing else: no WebSocket, no protocol, no sessions, no worker. With
+//! one io_uring thread, the per-core `timerfd` pacer, a writer task per connection woken per
+//! frame — and nothing else: no WebSocket, no protocol, no sessions, no worker. With
 //! `--upstream ADDR` it also reads every frame it sends from one TCP stream (as the orchestrator
 //! reads them from its worker's HTTP/2 connection), each frame a zero-copy slice of the read
 //! buffer: the *forwarder's* floor. The bench divides the orchestrator's CPU per frame by these
@@ -13,7 +12,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +20,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-use crate::gateway::batch_send::BatchSender;
 use crate::gateway::pacer::{Pacer, DEFAULT_COALESCE};
 
 /// Bytes of one frame: a binary audio message (8-byte header + 4-byte sequence) + 20 ms PCM.
@@ -39,11 +36,6 @@ pub struct FloorWriterArgs {
     /// Read every frame sent from one TCP stream at this address (the forwarder's floor).
     #[arg(long)]
     pub upstream: Option<String>,
-    /// Wake a writer task per connection per frame (one io_uring op each) instead of sending
-    /// a tick's frames in one submission with the orchestrator's batch sender (the default,
-    /// as in the orchestrator; this is what both did before the batch sender).
-    #[arg(long)]
-    pub writer_tasks: bool,
 }
 
 /// One reader connection: the frame waiting for its writer.
@@ -54,16 +46,7 @@ struct Conn {
     slot: RefCell<Option<Bytes>>,
     ready: Notify,
     dead: Cell<bool>,
-    /// Batch mode: the socket (the batch sender sends on its fd) and whether a send is in
-    /// flight on it.
-    stream: Option<TcpStream>,
-    busy: Cell<bool>,
 }
-
-type Conns = Rc<RefCell<slab::Slab<Rc<Conn>>>>;
-
-/// The batch sender; a completion carries its connection and slab key.
-type Batch = BatchSender<(Rc<Conn>, usize)>;
 
 /// Runs the floor writer until killed.
 pub fn run(args: FloorWriterArgs) -> Result<()> {
@@ -87,46 +70,23 @@ pub fn run(args: FloorWriterArgs) -> Result<()> {
             None => false,
         };
         let fixed = Bytes::from(vec![0u8; FRAME]);
-        let batch = if !args.writer_tasks {
-            let b = Rc::new(BatchSender::new()?);
-            tokio_uring::spawn(reap_loop(b.clone(), conns.clone()));
-            Some(b)
-        } else {
-            None
-        };
-        tokio_uring::spawn(pace(
-            pacer.clone(),
-            conns.clone(),
-            frames,
-            fixed,
-            upstream,
-            batch.clone(),
-        ));
+        tokio_uring::spawn(pace(pacer.clone(), conns.clone(), frames, fixed, upstream));
         let mut next_id = 0u64;
         loop {
             let (stream, _) = listener.accept().await.context("accept")?;
             let _ = stream.set_nodelay(true);
             next_id += 1;
-            let (stream, task_stream) = if batch.is_some() {
-                (Some(stream), None)
-            } else {
-                (None, Some(stream))
-            };
             let conn = Rc::new(Conn {
                 id: next_id,
                 slot: RefCell::new(None),
                 ready: Notify::new(),
                 dead: Cell::new(false),
-                stream,
-                busy: Cell::new(false),
             });
             let key = conns.borrow_mut().insert(conn.clone());
             // Spread first frames over the period, as sessions starting at random times are.
             let offset = PERIOD.mul_f64(rand::random::<f64>());
             pacer.schedule(Instant::now() + offset, key, next_id);
-            if let Some(stream) = task_stream {
-                tokio_uring::spawn(write_loop(conn, stream, conns.clone(), key));
-            }
+            tokio_uring::spawn(write_loop(conn, stream, conns.clone(), key));
         }
     })
 }
@@ -154,11 +114,10 @@ async fn read_upstream(stream: TcpStream, frames: Rc<RefCell<VecDeque<Bytes>>>) 
 /// The pacer loop: hands each due connection its next frame and schedules the one after.
 async fn pace(
     pacer: Rc<Pacer>,
-    conns: Conns,
+    conns: Rc<RefCell<slab::Slab<Rc<Conn>>>>,
     frames: Rc<RefCell<VecDeque<Bytes>>>,
     fixed: Bytes,
     upstream: bool,
-    batch: Option<Rc<Batch>>,
 ) {
     let mut due = Vec::with_capacity(1024);
     loop {
@@ -178,51 +137,11 @@ async fn pace(
                 Some(fixed.clone())
             };
             if let Some(f) = frame {
-                match (&batch, &conn.stream) {
-                    (Some(b), Some(stream)) => {
-                        // A frame still in flight (the reader fell behind): skip this one,
-                        // as the task writer's slot would be overwritten.
-                        if !conn.busy.get() {
-                            let mut v = b.chunk_vec();
-                            v.push(f);
-                            if b.push(stream.as_raw_fd(), v, (conn.clone(), key)).is_ok() {
-                                conn.busy.set(true);
-                            }
-                        }
-                    }
-                    _ => {
-                        *conn.slot.borrow_mut() = Some(f);
-                        conn.ready.notify_one();
-                    }
-                }
+                *conn.slot.borrow_mut() = Some(f);
+                conn.ready.notify_one();
             }
             pacer.schedule(at + PERIOD, key, id);
         }
-        if let Some(b) = &batch {
-            if b.submit().is_err() {
-                return;
-            }
-            reap(b, &conns);
-        }
-    }
-}
-
-/// Batch mode: takes the completed sends; a failed one ends its connection.
-fn reap(batch: &Batch, conns: &Conns) {
-    batch.reap(|done| {
-        let (conn, key) = done.owner;
-        conn.busy.set(false);
-        batch.recycle(done.chunks);
-        if done.result.is_err() && !conn.dead.replace(true) {
-            conns.borrow_mut().try_remove(key);
-        }
-    });
-}
-
-/// Batch mode: reaps the sends the kernel finished after the tick that submitted them.
-async fn reap_loop(batch: Rc<Batch>, conns: Conns) {
-    while batch.reap_later().await.is_ok() {
-        reap(&batch, &conns);
     }
 }
 

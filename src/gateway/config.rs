@@ -51,11 +51,6 @@ pub struct OrchestratorArgs {
     /// trading that much early delivery for fewer wake-ups at many sessions (0 = exact).
     #[arg(long, default_value_t = 500, env = "DUPLEX_COALESCE_US")]
     pub coalesce_us: u64,
-    /// Send every frame a pacer tick releases in one io_uring submission across the core's
-    /// connections (`false`: each connection's writer task writes its own frames, one task
-    /// wake-up and io_uring op per frame; kept to measure the difference).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DUPLEX_BATCH_SEND")]
-    pub batch_send: bool,
     /// Run the core threads under SCHED_FIFO with this priority (1-99) so a busy host can't
     /// delay frame wake-ups by a scheduler time slice. Needs CAP_SYS_NICE; off by default
     /// because FIFO threads at full load starve everything else on their cores (a worker in
@@ -193,7 +188,6 @@ pub struct Config {
     pub max_session: Option<Duration>,
     pub model: String,
     pub coalesce: Duration,
-    pub batch_send: bool,
     pub realtime_priority: Option<i32>,
     pub barge_in: BargeIn,
     pub vad: crate::gateway::vad::VadConfig,
@@ -322,7 +316,6 @@ impl Config {
             max_session: secs("--max-session-secs", args.max_session_secs)?,
             model: args.model.clone(),
             coalesce: Duration::from_micros(args.coalesce_us.min(10_000)),
-            batch_send: args.batch_send,
             realtime_priority: args.realtime_priority,
             barge_in: args.barge_in,
             vad: crate::gateway::vad::VadConfig {

@@ -347,12 +347,6 @@ async fn run_session(
 async fn writer(session: Rc<Session>, stream: Rc<Wire>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     loop {
-        // The core's batch sender is writing this socket: wait for its send to complete
-        // (it wakes this task when something is left to write, or the output is closing).
-        if session.output.batch_in_flight() {
-            session.output.ready().await;
-            continue;
-        }
         let done = session.output.take(&mut batch, MAX_IOV);
         if batch.is_empty() {
             if done {
@@ -361,10 +355,7 @@ async fn writer(session: Rc<Session>, stream: Rc<Wire>) {
             session.output.ready().await;
             continue;
         }
-        session.output.task_writing(true);
-        let written = stream.write_batch(&mut batch).await;
-        session.output.task_writing(false);
-        if let Err(e) = written {
+        if let Err(e) = stream.write_batch(&mut batch).await {
             tracing::debug!(parent: &session.span, error = %e, "write failed");
             session.output.dead();
             let _ = stream.shutdown(std::net::Shutdown::Both);

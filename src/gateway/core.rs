@@ -137,10 +137,6 @@ pub struct Core {
     pub json_arena: RefCell<BytesMut>,
     /// Bytes queued for this core's clients against its share of `--max-queued-output-bytes`.
     pub output_budget: std::rc::Rc<super::session::output::Budget>,
-    /// Sends every frame a pacer tick releases in one io_uring submission (see
-    /// [`super::batch_send`]); `None` with `--batch-send false` or when the kernel refused the
-    /// ring, and then each connection's writer task writes its frames.
-    pub batch: Option<super::session::output::Sender>,
     /// When this core last handed freed memory back to the OS (see [`Core::trim`]).
     last_trim: Cell<Option<Instant>>,
 }
@@ -163,18 +159,6 @@ impl Core {
             output_budget: std::rc::Rc::new(super::session::output::Budget::new(
                 shared.config.limits.max_queued_output_bytes / shared.config.cores.max(1),
             )),
-            batch: if shared.config.batch_send {
-                match super::batch_send::BatchSender::new() {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::warn!(core = index, error = %e,
-                            "no io_uring ring for batched sends; writer tasks send every frame");
-                        None
-                    }
-                }
-            } else {
-                None
-            },
             last_trim: Cell::new(None),
             shared,
         })

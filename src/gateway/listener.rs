@@ -32,7 +32,6 @@ pub async fn run(index: usize, listener: StdListener, shared: Arc<Shared>) {
     };
     let sessions: Rc<Sessions> = Rc::new(RefCell::new(Slab::new()));
     tokio_uring::spawn(pacer_loop(core.clone(), sessions.clone()));
-    tokio_uring::spawn(batch_reaper(core.clone()));
     if index == 0 {
         tokio_uring::spawn(probe_loop(core.clone()));
     }
@@ -129,11 +128,9 @@ async fn drain(sessions: &Sessions, deadline: Instant) {
     }
 }
 
-/// The core's pacing loop: every wake-up serves all sessions with a frame due, and sends
-/// what they queued in one io_uring submission (when the core has a batch sender).
+/// The core's pacing loop: every wake-up serves all sessions with a frame due.
 async fn pacer_loop(core: Rc<Core>, sessions: Rc<Sessions>) {
     let mut due = Vec::with_capacity(256);
-    let mut touched: Vec<Rc<super::session::Session>> = Vec::with_capacity(256);
     loop {
         due.clear();
         if let Err(e) = core.pacer.next_due(&mut due).await {
@@ -144,50 +141,9 @@ async fn pacer_loop(core: Rc<Core>, sessions: Rc<Sessions>) {
         for &(_, key, generation) in &due {
             let session = sessions.borrow().get(key).cloned();
             if let Some(s) = session {
-                if core.batch.is_some() {
-                    s.output.hold();
-                    s.on_timer(generation, now);
-                    touched.push(s);
-                } else {
-                    s.on_timer(generation, now);
-                }
+                s.on_timer(generation, now);
             }
         }
-        if let Some(batch) = &core.batch {
-            let mut sends = 0;
-            for s in touched.drain(..) {
-                if s.output.release() && s.output.send_batched(batch) {
-                    sends += 1;
-                }
-            }
-            if sends > 0 {
-                core.shared.metrics.batched_sends.inc_by(sends);
-            }
-            submit_and_reap(&core, batch);
-        }
-    }
-}
-
-/// Hands the tick's sends to the kernel and completes those it finished meanwhile.
-fn submit_and_reap(core: &Core, batch: &super::session::output::Sender) {
-    if let Err(e) = batch.submit() {
-        tracing::error!(core = core.index, error = %e, "io_uring submit of the tick's frames failed");
-    }
-    batch.reap(|done| done.owner.clone().batch_done(done, batch));
-}
-
-/// Completes the batched sends the kernel finished after the tick that submitted them (a
-/// client whose receive window was full).
-async fn batch_reaper(core: Rc<Core>) {
-    let Some(batch) = &core.batch else {
-        return;
-    };
-    loop {
-        if let Err(e) = batch.reap_later().await {
-            tracing::error!(core = core.index, error = %e, "batch sender's ring failed");
-            return;
-        }
-        submit_and_reap(&core, batch);
     }
 }
 

@@ -124,9 +124,6 @@ pub struct Metrics {
     pub synthesis: Counter,
     pub synthesis_errors: Counter,
     pub frames_sent: Counter,
-    /// Sends the pacer handed to the core's batch sender (bumped once per tick, by the tick's
-    /// count): with `frames_sent` it says how much of the audio left without a writer task.
-    pub batched_sends: Counter,
     pub underruns: Counter,
     pub client_errors: Counter,
     pub rejected_connections: Counter,
@@ -180,7 +177,6 @@ impl Metrics {
             synthesis: Counter::default(),
             synthesis_errors: Counter::default(),
             frames_sent: Counter::default(),
-            batched_sends: Counter::default(),
             underruns: Counter::default(),
             client_errors: Counter::default(),
             rejected_connections: Counter::default(),
@@ -226,11 +222,6 @@ impl Metrics {
             "frames_sent",
             "Audio frames sent to clients",
             m.frames_sent.clone(),
-        );
-        registry.register(
-            "batched_sends",
-            "Client sends made by a pacer tick's single io_uring submission (one per session with output due)",
-            m.batched_sends.clone(),
         );
         registry.register(
             "frame_underruns",

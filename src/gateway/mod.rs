@@ -14,7 +14,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod batch_send;
 pub mod config;
 pub mod conn;
 pub mod core;

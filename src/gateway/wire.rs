@@ -62,13 +62,6 @@ impl Wire {
         self.tls.is_some()
     }
 
-    /// The socket's descriptor when the connection is plain TCP (the batch sender writes
-    /// plain sockets directly; TLS records must go through rustls).
-    pub fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd as _;
-        self.tls.is_none().then(|| self.tcp.as_raw_fd())
-    }
-
     /// Sets TCP_NODELAY.
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
         self.tcp.set_nodelay(on)

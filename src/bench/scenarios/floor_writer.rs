@@ -34,8 +34,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     let mut r = ScenarioReport::new(
         "floor_writer",
         format!(
-            "our paced writer alone (io_uring batch sender, timerfd pacer, one send per \
-             1,932-byte frame every 20 ms per TCP connection) and the forwarder (the same, each frame read from \
+            "our paced writer alone (io_uring, timerfd pacer, one write per 1,932-byte frame \
+             every 20 ms per TCP connection) and the forwarder (the same, each frame read from \
              one upstream TCP stream first), N in {steps:?}, {secs} s window"
         ),
     );

@@ -59,7 +59,7 @@ pub struct Session {
     playback: RefCell<Playback>,
     link: RefCell<Link>,
     /// Bytes for the connection's writer.
-    pub output: Rc<Output>,
+    pub output: Output,
     /// Woken when playback drains the frame queue below [`MAX_AHEAD_FRAMES`].
     drained: tokio::sync::Notify,
     started: Instant,
@@ -93,10 +93,8 @@ impl Session {
             span,
             playback: RefCell::new(playback),
             link: RefCell::new(Link::default()),
-            output: Rc::new(
-                Output::new(core.output_budget.clone())
-                    .with_lateness(core.shared.metrics.frame_lateness.clone(), core.index),
-            ),
+            output: Output::new(core.output_budget.clone())
+                .with_lateness(core.shared.metrics.frame_lateness.clone(), core.index),
             drained: tokio::sync::Notify::new(),
             core,
             started: now,

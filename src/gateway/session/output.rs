@@ -5,12 +5,6 @@
 //! arena, and the worker's PCM itself), so the writer hands them to io_uring's `writev`
 //! without copying. A client that stops reading would let the queue grow without bound while
 //! realtime audio keeps coming; past [`MAX_QUEUED_BYTES`] the client is cut off.
-//!
-//! Two writers drain it, never both at once ([`Writing`]): the core's batch sender takes what
-//! a pacer tick queued and sends it with the tick's other frames in one io_uring submission
-//! (see [`crate::gateway::batch_send`]); the connection's writer task writes everything else
-//! (events, TLS, what a short send left). During a tick the output is *held*: pushes don't wake
-//! the writer task, so a frame the batch sender takes costs no task wake-up at all.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,8 +14,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-
-use crate::gateway::batch_send::{BatchSender, Completion, MAX_CHUNKS};
 
 use crate::gateway::metrics::FrameLateness;
 use crate::protocol::AudioChunks;
@@ -94,20 +86,6 @@ impl Budget {
     }
 }
 
-/// Who is writing the socket now (one at a time, so bytes never interleave).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Writing {
-    #[default]
-    Nobody,
-    /// The writer task has a write in flight.
-    Task,
-    /// The core's batch sender has a send in flight.
-    Batch,
-}
-
-/// The core's batch sender, as outputs use it.
-pub type Sender = BatchSender<Rc<Output>>;
-
 /// The queue between a session and its connection's writer.
 #[derive(Default)]
 pub struct Output {
@@ -121,11 +99,6 @@ pub struct Output {
     oldest_slot: Cell<Option<Instant>>,
     /// Where the lateness of paced frames is recorded (the histogram, this core's index).
     lateness: Option<(Arc<FrameLateness>, usize)>,
-    writing: Cell<Writing>,
-    /// Inside a pacer tick: pushes don't wake the writer task (see the module documentation).
-    held: Cell<bool>,
-    /// Something was queued while held.
-    pushed_while_held: Cell<bool>,
 }
 
 impl Output {
@@ -190,11 +163,7 @@ impl Output {
         if overflow {
             self.cut_off();
         }
-        if self.held.get() {
-            self.pushed_while_held.set(true);
-        } else {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
         if overflow {
             Pushed::Overflow
         } else {
@@ -234,118 +203,6 @@ impl Output {
         q.bytes -= taken;
         self.budget.sub(taken);
         batch.is_empty() && q.closing
-    }
-
-    /// Starts a pacer tick's hold: until [`Self::release`], pushes don't wake the writer task.
-    pub fn hold(&self) {
-        self.held.set(true);
-    }
-
-    /// Ends the hold; true when something was queued during it (the tick then hands the
-    /// output to [`Self::send_batched`]).
-    pub fn release(&self) -> bool {
-        self.held.set(false);
-        self.pushed_while_held.replace(false)
-    }
-
-    /// True while the batch sender has a send of this output in flight: the writer task
-    /// waits (it is woken when the send completes and something is left to write).
-    pub fn batch_in_flight(&self) -> bool {
-        self.writing.get() == Writing::Batch
-    }
-
-    /// The writer task starts (`true`) or ends a write.
-    pub fn task_writing(&self, on: bool) {
-        self.writing
-            .set(if on { Writing::Task } else { Writing::Nobody });
-    }
-
-    /// Hands what is queued to the core's batch sender, which sends it at the end of the
-    /// tick; wakes the writer task instead when the batch sender can't take it (the task is
-    /// writing, the connection is TLS). True when a send was queued.
-    pub fn send_batched(self: &Rc<Self>, sender: &Sender) -> bool {
-        let fd = self.socket.borrow().as_ref().and_then(|s| s.plain_fd());
-        let Some(fd) = fd.filter(|_| self.writing.get() == Writing::Nobody) else {
-            self.ready.notify_one();
-            return false;
-        };
-        let mut chunks = sender.chunk_vec();
-        let done = self.take(&mut chunks, MAX_CHUNKS);
-        if chunks.is_empty() {
-            sender.recycle(chunks);
-            if done {
-                self.ready.notify_one();
-            }
-            return false;
-        }
-        // More queued than one send carries: `batch_done` wakes the writer task for the rest.
-        match sender.push(fd, chunks, self.clone()) {
-            Ok(()) => {
-                self.writing.set(Writing::Batch);
-                true
-            }
-            Err((e, chunks)) => {
-                tracing::debug!(error = %e, "batch send refused; the writer task takes over");
-                self.requeue_front(chunks, 0);
-                self.ready.notify_one();
-                false
-            }
-        }
-    }
-
-    /// A batched send of this output completed: requeues what it didn't send (a short send),
-    /// and wakes the writer task if there is anything for it to do.
-    pub fn batch_done(&self, done: Completion<Rc<Output>>, sender: &Sender) {
-        self.writing.set(Writing::Nobody);
-        let Completion { chunks, result, .. } = done;
-        match result {
-            Ok(n) => {
-                let total: usize = chunks.iter().map(Bytes::len).sum();
-                if n < total {
-                    self.requeue_front(chunks.clone(), n);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "batched send failed");
-                self.dead();
-                if let Some(socket) = self.socket.borrow().as_ref() {
-                    let _ = socket.shutdown(std::net::Shutdown::Both);
-                }
-            }
-        }
-        sender.recycle(chunks);
-        let q = self.queue.borrow();
-        let work = !q.chunks.is_empty() || q.closing || q.dead;
-        drop(q);
-        if work {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Puts back, at the front of the queue, what of `chunks` is left after the first `sent`
-    /// bytes of them were written.
-    fn requeue_front(&self, mut chunks: Vec<Bytes>, mut sent: usize) {
-        let mut q = self.queue.borrow_mut();
-        if q.dead {
-            return;
-        }
-        let mut skip = 0;
-        for c in chunks.iter_mut() {
-            if sent >= c.len() {
-                sent -= c.len();
-                skip += 1;
-            } else {
-                bytes::Buf::advance(c, sent);
-                break;
-            }
-        }
-        let mut back = 0;
-        for c in chunks.drain(skip..).rev() {
-            back += c.len();
-            q.chunks.push_front(c);
-        }
-        q.bytes += back;
-        self.budget.add(back);
     }
 
     /// The connection's reader has stopped: a writer lingering for the client's close can go.
@@ -442,119 +299,6 @@ mod tests {
         out.take(&mut batch, 64);
         let text = m.render();
         assert!(text.contains("frame_lateness_seconds_count 1"), "{text}");
-    }
-
-    /// An output attached to a real socket, and the socket's peer.
-    async fn attached() -> (Rc<Output>, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accept = std::thread::spawn(move || listener.accept().unwrap().0);
-        let tcp = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
-        let peer = accept.join().unwrap();
-        let out = Rc::new(Output::default());
-        out.attach_socket(Rc::new(crate::gateway::wire::Wire::plain(tcp)));
-        (out, peer)
-    }
-
-    fn frame(tag: u8) -> AudioChunks {
-        AudioChunks {
-            head: Bytes::from(vec![tag; 4]),
-            pcm: Some(Bytes::from(vec![tag; 16])),
-        }
-    }
-
-    #[test]
-    fn a_tick_s_frames_go_out_through_the_batch_sender_in_order() {
-        use std::io::Read as _;
-        tokio_uring::start(async {
-            let (out, mut peer) = attached().await;
-            let sender = Sender::new().unwrap();
-            out.hold();
-            out.push_audio(frame(1));
-            out.push_audio(frame(2));
-            assert!(out.release(), "pushes during the hold are reported");
-            assert!(!out.release(), "once");
-            out.send_batched(&sender);
-            assert!(out.batch_in_flight());
-            assert_eq!(out.queued_bytes(), 0);
-            sender.submit().unwrap();
-            while sender.in_flight() > 0 {
-                sender.reap(|c| c.owner.clone().batch_done(c, &sender));
-                if sender.in_flight() > 0 {
-                    sender.reap_later().await.unwrap();
-                }
-            }
-            assert!(!out.batch_in_flight());
-            let mut got = [0u8; 40];
-            peer.read_exact(&mut got).unwrap();
-            assert_eq!(&got[..20], &[1u8; 20]);
-            assert_eq!(&got[20..], &[2u8; 20]);
-        });
-    }
-
-    #[test]
-    fn the_batch_sender_leaves_a_socket_the_writer_task_is_writing() {
-        tokio_uring::start(async {
-            let (out, _peer) = attached().await;
-            let sender = Sender::new().unwrap();
-            out.task_writing(true);
-            out.push_audio(frame(1));
-            out.send_batched(&sender);
-            assert_eq!(sender.in_flight(), 0);
-            assert!(!out.batch_in_flight());
-            assert_eq!(out.queued_bytes(), 20, "left for the writer task");
-        });
-    }
-
-    #[test]
-    fn a_short_batched_send_requeues_the_rest_in_order_and_wakes_the_writer() {
-        tokio_uring::start(async {
-            let out = Rc::new(Output::default());
-            let sender = Sender::new().unwrap();
-            out.push(Bytes::from_static(b"later"));
-            let chunks = vec![
-                Bytes::from_static(b"head"),
-                Bytes::from_static(b"pcm-bytes"),
-            ];
-            // The kernel took "head" and "pcm": "-bytes" goes back in front of "later".
-            out.batch_done(
-                Completion {
-                    owner: out.clone(),
-                    chunks,
-                    result: Ok(7),
-                },
-                &sender,
-            );
-            let mut batch = Vec::new();
-            out.take(&mut batch, 8);
-            assert_eq!(
-                batch,
-                vec![Bytes::from_static(b"-bytes"), Bytes::from_static(b"later")]
-            );
-            // The writer task was woken (a permit is stored).
-            tokio::time::timeout(std::time::Duration::from_secs(5), out.ready())
-                .await
-                .expect("the writer task must be woken to write the rest");
-        });
-    }
-
-    #[test]
-    fn a_failed_batched_send_kills_the_output() {
-        tokio_uring::start(async {
-            let out = Rc::new(Output::default());
-            let sender = Sender::new().unwrap();
-            out.push(Bytes::from_static(b"queued"));
-            out.batch_done(
-                Completion {
-                    owner: out.clone(),
-                    chunks: vec![Bytes::from_static(b"x")],
-                    result: Err(std::io::ErrorKind::BrokenPipe.into()),
-                },
-                &sender,
-            );
-            assert_eq!(out.queued_bytes(), 0);
-            assert!(out.take(&mut Vec::new(), 8), "the writer task closes");
-        });
     }
 
     #[test]
