@@ -101,6 +101,11 @@ pub struct BenchArgs {
     /// Seconds each scale step is measured for (default 10, 1.5 with --quick).
     #[arg(long, value_name = "SECS")]
     pub scale_secs: Option<f64>,
+    /// After the scale sweep, bisect between the last step with jitter p99 < 2 ms and the
+    /// first without (to within 1/8 of the lower bound) and report that capacity figure: the
+    /// sweep's doubling steps alone can only say 100 when the answer is 600.
+    #[arg(long)]
+    pub capacity_search: bool,
     /// Audio format of the scale sweep.
     #[arg(long, value_enum, default_value_t = WireFormat::Binary)]
     pub scale_format: WireFormat,

@@ -328,13 +328,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     }
     let mut json_steps = Vec::new();
     let mut best_ok: Option<u32> = None;
+    let mut first_failed: Option<u32> = None;
     for &n in &steps {
         let s = step(ctx, &url, n, secs).await;
         rows(&mut r, &s, rss_base);
         floor_rows(&mut r, &s, ctx);
-        let jitter_ok = s.agg.jitter.quantile_ms(0.99).is_some_and(|j| j < 2.0);
-        if jitter_ok && s.errors() == 0 {
+        if within_capacity(&s) {
             best_ok = Some(n);
+        } else if first_failed.is_none() {
+            first_failed = Some(n);
         }
         for p in s.agg.problems(ctx.sut.spawned()) {
             r.problems.push(format!("N={n}: {p}"));
@@ -367,6 +369,36 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
             break;
         }
     }
+    if ctx.args.capacity_search {
+        let (found, probes) = capacity_search(ctx, &url, secs, best_ok, first_failed).await;
+        for (n, ok, jitter) in &probes {
+            r.row(Row::text(
+                format!("capacity search N={n}"),
+                format!(
+                    "jitter p99 {} -> {}",
+                    jitter.map_or("n/a".to_string(), |j| format!("{j:.3} ms")),
+                    if *ok { "within" } else { "beyond" }
+                ),
+            ));
+        }
+        r.row(Row::new(
+            "capacity (bisected): most realtime sessions with jitter p99 < 2 ms, no errors",
+            Some(f64::from(found)),
+            Unit::Count,
+            None,
+            Target::ge(2000.0),
+        ));
+        r.put(
+            "capacity_search",
+            serde_json::json!({
+                "capacity": found,
+                "probes": probes
+                    .iter()
+                    .map(|(n, ok, j)| serde_json::json!({"sessions": n, "within": ok, "jitter_p99_ms": j}))
+                    .collect::<Vec<_>>(),
+            }),
+        );
+    }
     if steps.iter().any(|&n| n >= 2000) {
         r.row(Row::new(
             "most realtime sessions with jitter p99 < 2 ms, no errors",
@@ -380,6 +412,47 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     r.put("format", fmt);
     r.put("window_s", secs);
     Ok(r)
+}
+
+/// A step within capacity: jitter p99 < 2 ms and no errors (the sweep's capacity criterion).
+fn within_capacity(s: &Step) -> bool {
+    s.agg.jitter.quantile_ms(0.99).is_some_and(|j| j < 2.0) && s.errors() == 0
+}
+
+/// The next probe between `lo` (within capacity) and `hi` (beyond), or `None` once they are
+/// within 1/8 of `lo` (or 10 sessions) of each other.
+fn next_probe(lo: u32, hi: u32) -> Option<u32> {
+    let resolution = (lo / 8).max(10);
+    (hi > lo && hi - lo > resolution).then(|| lo + (hi - lo) / 2)
+}
+
+/// Bisects between the sweep's last step within capacity and its first beyond (see
+/// `--capacity-search`); returns the largest count found within, and every probe made
+/// `(sessions, within, jitter p99 ms)`.
+async fn capacity_search(
+    ctx: &Ctx,
+    url: &WsUrl,
+    secs: f64,
+    best_ok: Option<u32>,
+    first_failed: Option<u32>,
+) -> (u32, Vec<(u32, bool, Option<f64>)>) {
+    let mut lo = best_ok.unwrap_or(0);
+    let mut probes = Vec::new();
+    let Some(mut hi) = first_failed.filter(|&f| f > lo) else {
+        // Every step was within capacity (or none failed above the best): nothing to bisect.
+        return (lo, probes);
+    };
+    while let Some(n) = next_probe(lo, hi) {
+        let s = step(ctx, url, n, secs).await;
+        let ok = within_capacity(&s);
+        probes.push((n, ok, s.agg.jitter.quantile_ms(0.99)));
+        if ok {
+            lo = n;
+        } else {
+            hi = n;
+        }
+    }
+    (lo, probes)
 }
 
 fn per_session(total: Option<u64>, base: Option<u64>, n: u32) -> Option<f64> {
@@ -621,6 +694,31 @@ fn step_json(s: &Step, rss_base: Option<u64>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_capacity_bisection_narrows_to_an_eighth_of_the_lower_bound() {
+        // Capacity 640 between a sweep that passed 100 and failed 1000.
+        let capacity = 640;
+        let (mut lo, mut hi) = (100, 1000);
+        let mut probes = 0;
+        while let Some(n) = next_probe(lo, hi) {
+            probes += 1;
+            if n <= capacity {
+                lo = n;
+            } else {
+                hi = n;
+            }
+        }
+        assert!(lo <= capacity && capacity < hi, "{lo}..{hi}");
+        assert!(hi - lo <= (lo / 8).max(10), "{lo}..{hi}");
+        assert!(probes <= 6, "{probes} probes");
+        assert_eq!(next_probe(100, 105), None, "close enough");
+        assert_eq!(
+            next_probe(500, 400),
+            None,
+            "an inverted range ends the search"
+        );
+    }
 
     #[test]
     fn sweep_steps() {
