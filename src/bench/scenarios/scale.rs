@@ -328,16 +328,17 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
     }
     let mut json_steps = Vec::new();
     let mut best_ok: Option<u32> = None;
-    let mut first_failed: Option<u32> = None;
+    // Every step's verdict, for the capacity search's bounds.
+    let mut verdicts: Vec<(u32, bool)> = Vec::new();
     for &n in &steps {
         let s = step(ctx, &url, n, secs).await;
         rows(&mut r, &s, rss_base);
         floor_rows(&mut r, &s, ctx);
-        if within_capacity(&s) {
+        let within = within_capacity(&s);
+        if within {
             best_ok = Some(n);
-        } else if first_failed.is_none() {
-            first_failed = Some(n);
         }
+        verdicts.push((n, within));
         for p in s.agg.problems(ctx.sut.spawned()) {
             r.problems.push(format!("N={n}: {p}"));
         }
@@ -370,7 +371,14 @@ pub async fn run(ctx: &mut Ctx) -> Result<ScenarioReport> {
         }
     }
     if ctx.args.capacity_search {
-        let (found, probes) = capacity_search(ctx, &url, secs, best_ok, first_failed).await;
+        // The first step beyond capacity above the best one within (a noisy small step that
+        // failed below it doesn't bound the search).
+        let lo = best_ok.unwrap_or(0);
+        let hi = verdicts
+            .iter()
+            .find(|&&(n, ok)| n > lo && !ok)
+            .map(|&(n, _)| n);
+        let (found, probes) = capacity_search(ctx, &url, secs, lo, hi).await;
         for (n, ok, jitter) in &probes {
             r.row(Row::text(
                 format!("capacity search N={n}"),
@@ -426,20 +434,19 @@ fn next_probe(lo: u32, hi: u32) -> Option<u32> {
     (hi > lo && hi - lo > resolution).then(|| lo + (hi - lo) / 2)
 }
 
-/// Bisects between the sweep's last step within capacity and its first beyond (see
-/// `--capacity-search`); returns the largest count found within, and every probe made
+/// Bisects between `lo`, the sweep's largest step within capacity, and `hi`, its first step
+/// beyond it above `lo` (see `--capacity-search`); returns the largest count found within, and every probe made
 /// `(sessions, within, jitter p99 ms)`.
 async fn capacity_search(
     ctx: &Ctx,
     url: &WsUrl,
     secs: f64,
-    best_ok: Option<u32>,
-    first_failed: Option<u32>,
+    mut lo: u32,
+    hi: Option<u32>,
 ) -> (u32, Vec<(u32, bool, Option<f64>)>) {
-    let mut lo = best_ok.unwrap_or(0);
     let mut probes = Vec::new();
-    let Some(mut hi) = first_failed.filter(|&f| f > lo) else {
-        // Every step was within capacity (or none failed above the best): nothing to bisect.
+    let Some(mut hi) = hi else {
+        // No step above the best one failed: nothing to bisect.
         return (lo, probes);
     };
     while let Some(n) = next_probe(lo, hi) {
