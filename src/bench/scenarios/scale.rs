@@ -435,8 +435,8 @@ fn next_probe(lo: u32, hi: u32) -> Option<u32> {
 }
 
 /// Bisects between `lo`, the sweep's largest step within capacity, and `hi`, its first step
-/// beyond it above `lo` (see `--capacity-search`); returns the largest count found within, and every probe made
-/// `(sessions, within, jitter p99 ms)`.
+/// beyond it above `lo` (see `--capacity-search`); returns the largest count found within,
+/// and every probe made `(sessions, within, jitter p99 ms)`.
 async fn capacity_search(
     ctx: &Ctx,
     url: &WsUrl,
